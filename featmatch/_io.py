@@ -1,0 +1,121 @@
+"""Shared plumbing: the cache directory, atomic writes, checksums and input checks.
+
+Every file featmatch writes goes through :func:`atomic_write_bytes` (or a helper built
+on it): the data is written to a temporary file in the same directory, flushed, fsynced
+and then renamed over the target, so an interrupted run never leaves a partial file
+under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "cache_dir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save",
+    "sha256_file",
+    "check_finite",
+]
+
+CACHE_ENV = "FEATMATCH_CACHE"
+
+
+def cache_dir(*parts: str, create: bool = True) -> Path:
+    """Return featmatch's cache directory (or a subfolder of it).
+
+    The root is ``$FEATMATCH_CACHE`` when set, else ``$XDG_CACHE_HOME/featmatch``,
+    else ``~/.cache/featmatch``. Weights, zoos and activation caches live here and are
+    never committed.
+    """
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        base = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "featmatch"
+    path = base.joinpath(*parts)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
+
+    ``writer`` receives a temporary path in the target's directory (so the rename is
+    atomic on POSIX). If it raises, the temporary file is removed and ``path`` is left
+    untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        writer(tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_save(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_finite(name: str, array: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN or Inf."""
+    import torch
+
+    if isinstance(array, torch.Tensor):
+        bad = ~torch.isfinite(array)
+        n_bad = int(bad.sum())
+    else:
+        arr = np.asarray(array)
+        n_bad = int((~np.isfinite(arr)).sum()) if arr.dtype.kind in "fc" else 0
+    if n_bad:
+        raise ValueError(f"{name} contains {n_bad} non-finite values (NaN or Inf)")

@@ -1,0 +1,69 @@
+"""Tiny, seeded builders for SAELens SAEs and TransformerLens models (as SAELens's tests do)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+
+
+def jumprelu_sae(
+    d_in: int = 16,
+    d_sae: int = 32,
+    seed: int = 0,
+    theta_range: tuple[float, float] = (0.5, 2.0),
+    hook_name: str = "blocks.0.hook_resid_post",
+) -> JumpReLUSAE:
+    """A JumpReLU SAE with random weights and per-feature thresholds in ``theta_range``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae)
+    cfg.metadata.hook_name = hook_name
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
+        lo, hi = theta_range
+        sae.threshold.copy_(lo + (hi - lo) * torch.rand(d_sae, generator=g))
+    return sae
+
+
+def standard_sae(d_in: int = 16, d_sae: int = 32, seed: int = 0, hook_name: str = "blocks.0.hook_resid_post") -> StandardSAE:
+    """A ReLU SAE with random weights."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae)
+    cfg.metadata.hook_name = hook_name
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=g))
+    return sae
+
+
+def tiny_model(n_layers: int = 3, d_model: int = 16, d_vocab: int = 50, n_ctx: int = 32, seed: int = 0):
+    """A random TransformerLens HookedTransformer small enough for unit tests."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        d_head=4,
+        n_heads=d_model // 4,
+        d_mlp=4 * d_model,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+    )
+    return HookedTransformer(cfg)
+
+
+def tiny_tokens(n_seq: int = 8, seq_len: int = 16, d_vocab: int = 50, seed: int = 0, bos: int = 0) -> torch.Tensor:
+    """Random tokens (n_seq, seq_len) with a BOS token at position 0."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(1, d_vocab, size=(n_seq, seq_len))
+    toks[:, 0] = bos
+    return torch.as_tensor(toks, dtype=torch.long)

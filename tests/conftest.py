@@ -1,0 +1,33 @@
+"""Shared pytest set-up: headless matplotlib, no hub access, seeded builders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A private FEATMATCH_CACHE for one test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("FEATMATCH_CACHE", str(path))
+    return path
