@@ -1,0 +1,241 @@
+"""The ``featmatch`` command line.
+
+::
+
+    featmatch match A B [--on encoder|decoder|both] [--metric mse|cosine] [--no-fold] [--b-enc]
+                        [--unmatched-quantile Q | --unmatched-above T] [--solver auto|dense|sparse] --out FILE
+    featmatch compose M1 M2 --out FILE
+    featmatch zoo build --profile P [--force]
+    featmatch zoo info --profile P [--json]
+    featmatch run-notebook NAME [-p KEY VALUE]... [--out DIR]
+
+``A`` and ``B`` are SAE sources for :func:`featmatch.saes.load_sae`: a disk folder,
+``release:sae_id`` (SAELens hub) or a featmatch zoo release. Outputs are written
+atomically, so a failed or interrupted run leaves no partial file. Errors print one line
+to stderr and exit with status 2 (130 on Ctrl-C); set ``FEATMATCH_DEBUG=1`` for the
+traceback. All heavy imports happen inside the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPT = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``featmatch`` command."""
+    from featmatch import __version__
+
+    p = argparse.ArgumentParser(prog="featmatch", description="Match sparse-autoencoder features across layers (SAE Match).")
+    p.add_argument("--version", action="version", version=f"featmatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("match", help="match the features of two SAEs and write a Matching")
+    m.add_argument("sae_a", metavar="A", help="SAE folder, 'release:sae_id', or featmatch zoo release:sae_id")
+    m.add_argument("sae_b", metavar="B", help="the second SAE (same forms as A)")
+    m.add_argument("--on", choices=("encoder", "decoder", "both"), default="both", help="parameters compared (default both)")
+    m.add_argument("--metric", choices=("mse", "cosine"), default="mse", help="cost (default mse)")
+    m.add_argument("--no-fold", dest="fold", action="store_false", help="do not fold thresholds into the weights (Eq. 4)")
+    m.add_argument("--b-enc", dest="include_b_enc", action="store_true", help="also compare the encoder bias")
+    group = m.add_mutually_exclusive_group()
+    group.add_argument("--unmatched-quantile", type=float, metavar="Q", help="mark pairs above this cost quantile unmatched")
+    group.add_argument("--unmatched-above", type=float, metavar="T", help="mark pairs with cost above T unmatched")
+    m.add_argument("--solver", choices=("auto", "dense", "sparse"), default="auto", help="assignment solver (default auto)")
+    m.add_argument("--device", default="cpu", help="torch device for loading (default cpu)")
+    m.add_argument("--out", required=True, metavar="FILE", help="metadata JSON path; arrays go to FILE with suffix .npz")
+    m.set_defaults(func=_cmd_match)
+
+    c = sub.add_parser("compose", help="compose two matchings (A→B then B→C)")
+    c.add_argument("m1", metavar="M1", help="matching A→B (JSON written by 'featmatch match')")
+    c.add_argument("m2", metavar="M2", help="matching B→C")
+    c.add_argument("--out", required=True, metavar="FILE", help="output metadata JSON path")
+    c.set_defaults(func=_cmd_compose)
+
+    z = sub.add_parser("zoo", help="the locally trained SmolLM2 SAE zoo")
+    zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zsub.required = True
+    zb = zsub.add_parser("build", help="train (or resume) the SAEs of a zoo profile")
+    zb.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
+    zb.add_argument("--force", action="store_true", help="retrain even if the SAEs exist")
+    zb.set_defaults(func=_cmd_zoo_build)
+    zi = zsub.add_parser("info", help="show a zoo profile's manifest")
+    zi.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
+    zi.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    zi.set_defaults(func=_cmd_zoo_info)
+
+    r = sub.add_parser("run-notebook", help="execute a notebook of the book with parameters (papermill)")
+    r.add_argument("name", help="notebook stem, number, short name, or 'all'")
+    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="set a parameter")
+    r.add_argument("--out", default=None, metavar="DIR", help="folder for the executed notebooks")
+    r.set_defaults(func=_cmd_run_notebook)
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------
+
+
+def _describe(sae: Any) -> str:
+    from featmatch.saes import weights
+
+    w = weights(sae)
+    return f"{w.architecture}, d_in={w.d_in}, F={w.d_sae}, hook={w.hook_name}"
+
+
+def _summary(m: Any, seconds_load: float, seconds_match: float) -> list[str]:
+    import numpy as np
+
+    lines = [
+        f"matched:  {m.n_matched} / {m.n_a} features of A ({m.n_b} in B, {m.n_a - m.n_matched} unmatched)",
+    ]
+    costs = m.cost[m.matched]
+    if costs.size:
+        qs = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+        vals = np.quantile(costs, qs)
+        lines.append("cost:     " + "  ".join(f"q{int(q * 100):d}={v:.4g}" for q, v in zip(qs, vals, strict=True)))
+        lines.append(f"          total={m.total_cost:.6g}  mean={costs.mean():.4g}")
+    thr = m.meta.get("unmatched_threshold")
+    if thr is not None:
+        lines.append(f"unmatched threshold: cost > {thr:.4g}")
+    lines.append(f"time:     load {seconds_load:.2f} s, match {seconds_match:.2f} s")
+    return lines
+
+
+def _arrays_name(meta_path: Any) -> str:
+    from featmatch.matching import Matching
+
+    arrays = Matching.arrays_file(meta_path)
+    return arrays.name if arrays is not None else "?"
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    from featmatch.matching import match
+    from featmatch.saes import load_sae
+
+    if args.unmatched_quantile is not None and not 0.0 <= args.unmatched_quantile <= 1.0:
+        raise ValueError(f"--unmatched-quantile must lie in [0, 1], got {args.unmatched_quantile}")
+    t0 = time.perf_counter()
+    sae_a = load_sae(args.sae_a, device=args.device)
+    sae_b = load_sae(args.sae_b, device=args.device)
+    t1 = time.perf_counter()
+    m = match(
+        sae_a,
+        sae_b,
+        on=args.on,
+        metric=args.metric,
+        fold=args.fold,
+        include_b_enc=args.include_b_enc,
+        solver=args.solver,
+        unmatched_above=args.unmatched_above,
+        unmatched_quantile=args.unmatched_quantile,
+    )
+    t2 = time.perf_counter()
+    m.meta["source_a"] = args.sae_a
+    m.meta["source_b"] = args.sae_b
+    path = m.save(args.out)
+    print(f"A:        {args.sae_a} ({_describe(sae_a)})")
+    print(f"B:        {args.sae_b} ({_describe(sae_b)})")
+    print(
+        f"settings: on={args.on} metric={args.metric} fold={args.fold} b_enc={args.include_b_enc} "
+        f"solver={m.meta.get('solver')}"
+    )
+    for line in _summary(m, t1 - t0, t2 - t1):
+        print(line)
+    print(f"wrote:    {path} (+ {_arrays_name(path)})")
+    return 0
+
+
+def _cmd_compose(args: argparse.Namespace) -> int:
+    from featmatch.matching import Matching, compose
+
+    t0 = time.perf_counter()
+    m = compose(Matching.load(args.m1), Matching.load(args.m2))
+    m.meta["sources"] = [args.m1, args.m2]
+    path = m.save(args.out)
+    for line in _summary(m, 0.0, time.perf_counter() - t0):
+        print(line)
+    print(f"wrote:    {path} (+ {_arrays_name(path)})")
+    return 0
+
+
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from featmatch import zoo
+
+    path = zoo.build_zoo(profile=args.profile, force=args.force)
+    print(f"zoo '{args.profile}' ready: {path}")
+    return 0
+
+
+def _cmd_zoo_info(args: argparse.Namespace) -> int:
+    from featmatch import zoo
+
+    man = zoo.manifest(args.profile)
+    if args.json:
+        print(json.dumps(man, indent=2, sort_keys=True, default=str))
+        return 0
+    print(f"zoo profile '{args.profile}'")
+    for key, value in sorted(man.items()) if isinstance(man, dict) else []:
+        if isinstance(value, dict | list):
+            print(f"  {key}: {len(value)} entries")
+        else:
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _cmd_run_notebook(args: argparse.Namespace) -> int:
+    from featmatch import book
+
+    params = {key: book.parse_param(value) for key, value in args.param}
+    if args.out is None:
+        runs = book.run_notebook(args.name, params)
+    else:
+        runs = book.run_notebook(args.name, params, args.out)
+    for run in runs or []:
+        print(f"{getattr(run, 'name', run)}: {getattr(run, 'output', '')} ({getattr(run, 'seconds', 0.0):.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in msg:
+        msg = f"{msg}: {exc.filename}"
+    if not isinstance(exc, ValueError | FileNotFoundError | NotImplementedError | ConnectionError):
+        msg = f"{type(exc).__name__}: {msg}"
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``featmatch`` command; return the exit status (0 ok, 2 error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: argparse prints usage + one line, exits 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("featmatch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except Exception as exc:  # noqa: BLE001 - the CLI reports every failure as one line
+        if os.environ.get("FEATMATCH_DEBUG"):
+            raise
+        print(f"featmatch: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
