@@ -535,7 +535,7 @@ def _intervened_metrics(
     ke_all = {L: torch.as_tensor(np.array([s[L][1] for s in specs])) for L in layers}
     for idx, toks, ans, cf in _chunks(tt, batch_size):
         B, T = toks.shape
-        R = max(1, batch_size // B)
+        R = max(1, 4 * batch_size // B)  # interventions stacked along the batch
         pos = torch.arange(T) >= 1
         for r0 in range(0, n_s, R):
             rs = slice(r0, min(n_s, r0 + R))

@@ -37,6 +37,8 @@ ADDITION_FORMATS: dict[str, str] = {
     "symbolic_spaced": "{a} + {b} = ",
     "question": "What is {a} plus {b}? Answer: ",
     "sentence": "If you add {a} and {b}, you get ",
+    "fewshot_plus": "2 plus 5 is 7. 6 plus 1 is 7. 3 plus 3 is 6. {a} plus {b} is ",
+    "fewshot_symbolic": "2+5=7\n6+1=7\n3+3=6\n{a}+{b}=",
     "chat_question": "What is {a} plus {b}? Reply with the number only.",
 }
 
@@ -237,37 +239,52 @@ def _encode(model, text: str, bos: bool) -> list[int]:
     return ids
 
 
-def tokenize_task(model, task: TaskPrompts | TaskTokens) -> TaskTokens:
+def _continuation(model, prompt: str, p_ids: list[int], answer: str) -> list[int]:
+    joint = _encode(model, prompt + answer, bos=True)
+    ids = joint[len(p_ids) :] if joint[: len(p_ids)] == p_ids else _encode(model, answer, bos=False)
+    if not ids:
+        raise ValueError(f"answer {answer!r} of prompt {prompt!r} tokenises to nothing")
+    return ids
+
+
+def tokenize_task(model, task: TaskPrompts | TaskTokens, move_whitespace: bool = True) -> TaskTokens:
     """Tokenise a :class:`TaskPrompts` with ``model.tokenizer`` (BOS first, once).
 
     The answer tokens are the continuation ``tokens(prompt + answer)[len(tokens(prompt)):]``
     when the prompt's tokens are a prefix of the joint tokenisation, else the answer
     tokenised alone. Chat-templated prompts that already start with BOS get no second BOS.
+    With ``move_whitespace`` (default), leading whitespace-only answer tokens are appended to
+    the prompt (teacher-forced): ``("3 plus 4 is", " 7")`` becomes ``("3 plus 4 is ", "7")``
+    under SmolLM2's tokeniser, so the metric reads the digit's logit.
     """
     if isinstance(task, TaskTokens):
         return task
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the model has no tokenizer; build a TaskTokens from token ids instead")
     toks, ans, cfs = [], [], []
+    prompts = list(task.prompts)
     for i, (p, a) in enumerate(zip(task.prompts, task.answers)):
         p_ids = _encode(model, p, bos=True)
-        joint = _encode(model, p + a, bos=True)
-        a_ids = joint[len(p_ids) :] if joint[: len(p_ids)] == p_ids else _encode(model, a, bos=False)
-        if not a_ids:
-            raise ValueError(f"answer {a!r} of prompt {p!r} tokenises to nothing")
+        a_ids = _continuation(model, p, p_ids, a)
+        c_ids = None if task.counterfactuals is None else _continuation(model, p, p_ids, task.counterfactuals[i])
+        # leading whitespace-only answer tokens (SmolLM2's " " before a digit) are moved into
+        # the prompt, so the metric reads the first informative token
+        while move_whitespace and len(a_ids) > 1 and model.tokenizer.decode([a_ids[0]]).strip() == "":
+            tok = a_ids.pop(0)
+            if c_ids is not None and len(c_ids) > 1 and c_ids[0] == tok:
+                c_ids.pop(0)
+            p_ids.append(tok)
+            prompts[i] += model.tokenizer.decode([tok])
         toks.append(torch.tensor(p_ids, dtype=torch.long))
         ans.append(a_ids)
-        if task.counterfactuals is not None:
-            c = task.counterfactuals[i]
-            jc = _encode(model, p + c, bos=True)
-            c_ids = jc[len(p_ids) :] if jc[: len(p_ids)] == p_ids else _encode(model, c, bos=False)
+        if c_ids is not None:
             cfs.append(c_ids[0])
     return TaskTokens(
         tokens=toks,
         answer_ids=ans,
         counterfactual_ids=cfs if task.counterfactuals is not None else None,
         formats=list(task.formats),
-        prompts=list(task.prompts),
+        prompts=prompts,
     )
 
 

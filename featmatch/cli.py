@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``featmatch`` command."""
     from featmatch import __version__
 
-    p = argparse.ArgumentParser(prog="featmatch", description="Match sparse-autoencoder features across layers (SAE Match).")
+    p = argparse.ArgumentParser(
+        prog="featmatch", description="Match sparse-autoencoder features across layers (SAE Match)."
+    )
     p.add_argument("--version", action="version", version=f"featmatch {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -44,16 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("match", help="match the features of two SAEs and write a Matching")
     m.add_argument("sae_a", metavar="A", help="SAE folder, 'release:sae_id', or featmatch zoo release:sae_id")
     m.add_argument("sae_b", metavar="B", help="the second SAE (same forms as A)")
-    m.add_argument("--on", choices=("encoder", "decoder", "both"), default="both", help="parameters compared (default both)")
+    m.add_argument(
+        "--on",
+        choices=("encoder", "decoder", "both"),
+        default="both",
+        help="parameters compared (default both)",
+    )
     m.add_argument("--metric", choices=("mse", "cosine"), default="mse", help="cost (default mse)")
-    m.add_argument("--no-fold", dest="fold", action="store_false", help="do not fold thresholds into the weights (Eq. 4)")
+    m.add_argument(
+        "--no-fold", dest="fold", action="store_false", help="do not fold thresholds into the weights (Eq. 4)"
+    )
     m.add_argument("--b-enc", dest="include_b_enc", action="store_true", help="also compare the encoder bias")
     group = m.add_mutually_exclusive_group()
-    group.add_argument("--unmatched-quantile", type=float, metavar="Q", help="mark pairs above this cost quantile unmatched")
-    group.add_argument("--unmatched-above", type=float, metavar="T", help="mark pairs with cost above T unmatched")
-    m.add_argument("--solver", choices=("auto", "dense", "sparse"), default="auto", help="assignment solver (default auto)")
+    group.add_argument(
+        "--unmatched-quantile", type=float, metavar="Q", help="mark pairs above this cost quantile unmatched"
+    )
+    group.add_argument(
+        "--unmatched-above", type=float, metavar="T", help="mark pairs with cost above T unmatched"
+    )
+    m.add_argument(
+        "--solver",
+        choices=("auto", "dense", "sparse"),
+        default="auto",
+        help="assignment solver (default auto)",
+    )
     m.add_argument("--device", default="cpu", help="torch device for loading (default cpu)")
-    m.add_argument("--out", required=True, metavar="FILE", help="metadata JSON path; arrays go to FILE with suffix .npz")
+    m.add_argument(
+        "--out", required=True, metavar="FILE", help="metadata JSON path; arrays go to FILE with suffix .npz"
+    )
     m.set_defaults(func=_cmd_match)
 
     c = sub.add_parser("compose", help="compose two matchings (A→B then B→C)")
@@ -76,7 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run-notebook", help="execute a notebook of the book with parameters (papermill)")
     r.add_argument("name", help="notebook stem, number, short name, or 'all'")
-    r.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="set a parameter")
+    r.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="set a parameter",
+    )
     r.add_argument("--out", default=None, metavar="DIR", help="folder for the executed notebooks")
     r.set_defaults(func=_cmd_run_notebook)
     return p
@@ -104,7 +132,9 @@ def _summary(m: Any, seconds_load: float, seconds_match: float) -> list[str]:
     if costs.size:
         qs = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
         vals = np.quantile(costs, qs)
-        lines.append("cost:     " + "  ".join(f"q{int(q * 100):d}={v:.4g}" for q, v in zip(qs, vals, strict=True)))
+        lines.append(
+            "cost:     " + "  ".join(f"q{int(q * 100):d}={v:.4g}" for q, v in zip(qs, vals, strict=True))
+        )
         lines.append(f"          total={m.total_cost:.6g}  mean={costs.mean():.4g}")
     thr = m.meta.get("unmatched_threshold")
     if thr is not None:
@@ -203,7 +233,9 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
     else:
         runs = book.run_notebook(args.name, params, args.out)
     for run in runs or []:
-        print(f"{getattr(run, 'name', run)}: {getattr(run, 'output', '')} ({getattr(run, 'seconds', 0.0):.1f} s)")
+        print(
+            f"{getattr(run, 'name', run)}: {getattr(run, 'output', '')} ({getattr(run, 'seconds', 0.0):.1f} s)"
+        )
     return 0
 
 

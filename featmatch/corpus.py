@@ -31,6 +31,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import re
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -189,8 +190,13 @@ def _is_test_path(rel: Path) -> bool:
 @functools.lru_cache(maxsize=1)
 def _code_documents() -> tuple[Document, ...]:
     root = _stdlib_dir()
+    paths: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune test folders and installed third-party packages before descending
+        dirnames[:] = [d for d in dirnames if d not in _TEST_DIRS]
+        paths.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     docs: list[Document] = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
         rel = path.relative_to(root)
         if _is_test_path(rel):
             continue

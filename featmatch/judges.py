@@ -757,6 +757,11 @@ def _normalise_pairs(pairs: Any) -> tuple[list[dict], list[Any], list[Any]]:
     if pd is not None and isinstance(pairs, pd.DataFrame):
         if not {"text_a", "text_b"} <= set(pairs.columns):
             raise ValueError("a DataFrame of pairs needs columns 'text_a' and 'text_b'")
+        clash = sorted((set(_DF_COLUMNS) - {"text_a", "text_b"}) & set(map(str, pairs.columns)))
+        if clash:
+            raise ValueError(
+                f"input columns {clash} would be overwritten by the verdict columns; rename them"
+            )
         meta = pairs.drop(columns=["text_a", "text_b"]).to_dict("records")
         a = [None if _missing(x) else x for x in pairs["text_a"]]
         b = [None if _missing(x) else x for x in pairs["text_b"]]

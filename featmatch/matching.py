@@ -130,16 +130,15 @@ def feature_vectors(
     """
     _check_option("on", on, _ONS)
     w = weights(sae)
-    theta = w.threshold.double() if (fold and w.threshold is not None) else None
+    # float32 throughout: one rounding per entry, and no float64 copy of a (F, d) matrix
+    theta = w.threshold if (fold and w.threshold is not None) else None
     parts: list[torch.Tensor] = []
     if on in ("encoder", "both"):
-        enc = w.W_enc.T.double()
-        parts.append(enc / theta[:, None] if theta is not None else enc)
+        parts.append(w.W_enc.T / theta[:, None] if theta is not None else w.W_enc.T)
     if on in ("decoder", "both"):
-        dec = w.W_dec.double()
-        parts.append(dec * theta[:, None] if theta is not None else dec)
+        parts.append(w.W_dec * theta[:, None] if theta is not None else w.W_dec)
     if include_b_enc:
-        b = w.b_enc_effective.double()
+        b = w.b_enc_effective
         parts.append((b / theta if theta is not None else b)[:, None])
     return torch.cat(parts, dim=1).to(torch.float32).contiguous()
 
@@ -173,7 +172,9 @@ def pairwise_cost(
     """
     _check_option("metric", metric, _METRICS)
     if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[1] != x_b.shape[1]:
-        raise ValueError(f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+        raise ValueError(
+            f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     a32 = x_a.detach().to("cpu", torch.float32)
@@ -194,7 +195,9 @@ def pairwise_cost(
             g.mul_(-2.0).add_(na[i0:i1, None]).add_(nb[None, :]).div_(d).clamp_(min=0.0)
         else:
             denom = ra[i0:i1, None] * rb[None, :]
-            g = torch.where(denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+            g = torch.where(
+                denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g)
+            )
             g.neg_().add_(1.0).clamp_(0.0, 2.0)
         out_t[i0:i1] = g
         del g
@@ -269,7 +272,7 @@ def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
+    if not np.isfinite(cost.sum()) and not np.isfinite(cost).all():  # cheap check first, no (F_A, F_B) mask
         raise ValueError(f"cost matrix contains {int((~np.isfinite(cost)).sum())} non-finite values")
     perm = np.full(cost.shape[0], -1, dtype=np.int64)
     pair_cost = np.full(cost.shape[0], np.nan, dtype=np.float64)
@@ -318,7 +321,9 @@ class Matching:
         if self.n_b < 0:
             raise ValueError(f"Matching.n_b must be >= 0, got {self.n_b}")
         if self.perm.size and (self.perm.min() < -1 or self.perm.max() >= self.n_b):
-            raise ValueError(f"Matching.perm values must lie in [-1, {self.n_b}); got [{self.perm.min()}, {self.perm.max()}]")
+            raise ValueError(
+                f"Matching.perm values must lie in [-1, {self.n_b}); got [{self.perm.min()}, {self.perm.max()}]"
+            )
         self.cost[self.perm < 0] = np.nan
         self.meta = dict(self.meta)
 
@@ -374,7 +379,12 @@ class Matching:
         import pandas as pd
 
         return pd.DataFrame(
-            {"feature_a": np.arange(self.n_a), "feature_b": self.perm, "cost": self.cost, "matched": self.matched}
+            {
+                "feature_a": np.arange(self.n_a),
+                "feature_b": self.perm,
+                "cost": self.cost,
+                "matched": self.matched,
+            }
         )
 
     # -- persistence ---------------------------------------------------------------
@@ -459,13 +469,17 @@ class Matching:
         try:
             header = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MatchingFileError(f"{meta_path}: not a readable matching file (corrupt or partial JSON: {exc})") from exc
+            raise MatchingFileError(
+                f"{meta_path}: not a readable matching file (corrupt or partial JSON: {exc})"
+            ) from exc
         except OSError as exc:
             raise MatchingFileError(f"{meta_path}: cannot read matching file ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise MatchingFileError(f"{meta_path}: not a featmatch matching file (missing format {FORMAT!r})")
         if header.get("version") != FORMAT_VERSION:
-            raise MatchingFileError(f"{meta_path}: unsupported matching file version {header.get('version')!r}")
+            raise MatchingFileError(
+                f"{meta_path}: unsupported matching file version {header.get('version')!r}"
+            )
         try:
             n_a, n_b = int(header["n_a"]), int(header["n_b"])
             arrays = str(header["arrays"])
@@ -474,7 +488,9 @@ class Matching:
         except (KeyError, TypeError, ValueError) as exc:
             raise MatchingFileError(f"{meta_path}: matching metadata lacks or garbles {exc}") from exc
         if not arrays or Path(arrays).name != arrays or arrays in (".", ".."):
-            raise MatchingFileError(f"{meta_path}: bad array file name {arrays!r} (must be a file next to the metadata)")
+            raise MatchingFileError(
+                f"{meta_path}: bad array file name {arrays!r} (must be a file next to the metadata)"
+            )
         npz_path = meta_path.parent / arrays
         if not npz_path.is_file():
             raise FileNotFoundError(f"array file of matching {meta_path} not found: {npz_path}")
@@ -487,9 +503,13 @@ class Matching:
             with np.load(npz_path, allow_pickle=False) as z:
                 perm, cost = z["perm"], z["cost"]
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
-            raise MatchingFileError(f"{npz_path}: corrupt matching array file ({type(exc).__name__}: {exc})") from exc
+            raise MatchingFileError(
+                f"{npz_path}: corrupt matching array file ({type(exc).__name__}: {exc})"
+            ) from exc
         if perm.shape != (n_a,) or cost.shape != (n_a,):
-            raise MatchingFileError(f"{npz_path}: arrays have shapes {perm.shape}, {cost.shape}; metadata says n_a={n_a}")
+            raise MatchingFileError(
+                f"{npz_path}: arrays have shapes {perm.shape}, {cost.shape}; metadata says n_a={n_a}"
+            )
         try:
             return cls(perm=perm, cost=cost, n_b=n_b, meta=meta)
         except ValueError as exc:
@@ -602,7 +622,9 @@ def match(
     t0 = time.perf_counter()
     resolved = "dense" if solver == "auto" else solver
     if resolved == "dense":
-        cost = cost_matrix(wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size)
+        cost = cost_matrix(
+            wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size
+        )
         perm, pair_cost = assign(cost)
         del cost
     else:
@@ -657,7 +679,9 @@ def compose(m_ab: Matching, m_bc: Matching) -> Matching:
         If ``m_ab.n_b != m_bc.n_a`` (the matchings do not chain).
     """
     if m_ab.n_b != m_bc.n_a:
-        raise ValueError(f"cannot compose: the first matching maps into {m_ab.n_b} features, the second starts from {m_bc.n_a}")
+        raise ValueError(
+            f"cannot compose: the first matching maps into {m_ab.n_b} features, the second starts from {m_bc.n_a}"
+        )
     ok = m_ab.perm >= 0
     perm = np.full(m_ab.n_a, -1, dtype=np.int64)
     perm[ok] = m_bc.perm[m_ab.perm[ok]]
@@ -666,7 +690,9 @@ def compose(m_ab: Matching, m_bc: Matching) -> Matching:
     return Matching(perm=perm, cost=cost, n_b=m_bc.n_b, meta={"composed": [m_ab.meta, m_bc.meta]})
 
 
-def paths(matchings: Sequence[Matching], start_features: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+def paths(
+    matchings: Sequence[Matching], start_features: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
     """Follow features through a chain of matchings (layer t → t+1 → ...).
 
     Parameters

@@ -453,17 +453,16 @@ def _load_cached_tokenizer(entry: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(entry / _TOKENIZER_DIR), add_bos_token=True)
 
 
-def _convert_gguf(spec: ModelSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any], PreTrainedTokenizerBase]:
-    """Dequantise the GGUF and convert it: (TL state dict, TL config dict, tokenizer).
+def _convert_hf_llama(hf_model: PreTrainedModel, spec: ModelSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Convert a ``transformers`` LLaMA model: (TransformerLens state dict, config dict).
 
-    The state dict omits ``unembed.W_U`` when the embeddings are tied (it is ``W_E.T``).
+    The weights go through TransformerLens's own ``convert_llama_weights`` (it handles the
+    GQA ``_W_K``/``_W_V`` keys and the zero biases). The state dict is float32, contiguous,
+    detached from ``hf_model``, and omits ``unembed.W_U`` when the embeddings are tied (it
+    is ``embed.W_E.T``; :func:`_load_from_entry` restores it).
     """
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-    path, _ = _checked_gguf(spec)
-    t0 = time.perf_counter()
-    tokenizer = _load_gguf_tokenizer(path)
-    hf_model = load_hf_model(spec)
     cfg_dict = _tl_config_dict(hf_model.config, spec)
     with torch.no_grad():
         sd = convert_llama_weights(hf_model, _make_tl_config(cfg_dict, "cpu", torch.float32))
@@ -472,9 +471,19 @@ def _convert_gguf(spec: ModelSpec) -> tuple[dict[str, torch.Tensor], dict[str, A
         if not torch.equal(out["unembed.W_U"], out["embed.W_E"].T):
             raise ValueError(f"{spec.name}: the config says tied embeddings but lm_head != embed_tokens")
         del out["unembed.W_U"]
-    del hf_model, sd
+    return out, cfg_dict
+
+
+def _convert_gguf(spec: ModelSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any], PreTrainedTokenizerBase]:
+    """Dequantise the GGUF and convert it: (TL state dict, TL config dict, tokenizer)."""
+    path, _ = _checked_gguf(spec)
+    t0 = time.perf_counter()
+    tokenizer = _load_gguf_tokenizer(path)
+    hf_model = load_hf_model(spec)
+    state_dict, cfg_dict = _convert_hf_llama(hf_model, spec)
+    del hf_model
     log.info("converted %s from %s in %.1f s", spec.name, path.name, time.perf_counter() - t0)
-    return out, cfg_dict, tokenizer
+    return state_dict, cfg_dict, tokenizer
 
 
 def cache_entry(name: str | ModelSpec = DEFAULT_MODEL) -> Path:
@@ -604,26 +613,31 @@ def _ensure_cache(spec: ModelSpec, rebuild: bool = False) -> Path:
 
 
 def _load_from_entry(entry: Path, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
-    from safetensors.torch import load_file
+    """Build the HookedTransformer of a verified cache entry."""
+    from safetensors import safe_open
     from transformer_lens import HookedTransformer
 
     cfg_dict = json.loads((entry / _CONFIG_FILE).read_text(encoding="utf-8"))
-    cfg = _make_tl_config(cfg_dict, device, dtype)
+    cfg = _make_tl_config(cfg_dict, "cpu", dtype)
     tokenizer = _load_cached_tokenizer(entry)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-    sd = load_file(str(entry / _WEIGHTS_FILE))
-    if cfg_dict.get("tie_word_embeddings") and "unembed.W_U" not in sd:
-        sd["unembed.W_U"] = sd["embed.W_E"].T.contiguous()
-    sd = {k: v.to(dtype=dtype) for k, v in sd.items()}
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(sd))
-    unexpected = sorted(set(sd) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"the converted state dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in sd.items():
-        if params[key].shape != value.shape:
-            raise ValueError(f"{key}: converted shape {tuple(value.shape)} != model shape {tuple(params[key].shape)}")
-    model.load_state_dict(sd, strict=False, assign=True)
+    tied = bool(cfg_dict.get("tie_word_embeddings"))
+    # Copy tensor by tensor into the (uninitialised) parameters: peak memory stays near one
+    # model, and the model never aliases the file (safetensors may memory-map it).
+    with safe_open(str(entry / _WEIGHTS_FILE), framework="pt") as fh, torch.no_grad():
+        keys = set(fh.keys())
+        expected = set(params) - ({"unembed.W_U"} if tied and "unembed.W_U" not in keys else set())
+        if keys != expected:
+            missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+            raise ValueError(f"the converted state dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key in sorted(keys):
+            value = fh.get_tensor(key)
+            if params[key].shape != value.shape:
+                raise ValueError(f"{key}: converted shape {tuple(value.shape)} != model shape {tuple(params[key].shape)}")
+            params[key].copy_(value)
+        if tied and "unembed.W_U" not in keys:
+            params["unembed.W_U"].copy_(params["embed.W_E"].T)
     model.to(device, print_details=False)
     model.eval()
     return model

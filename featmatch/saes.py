@@ -133,7 +133,9 @@ class SAEWeights:
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
-                raise ValueError(f"SAE parameter {name} has shape {got}, expected {shape} (W_enc is {(d, f)})")
+                raise ValueError(
+                    f"SAE parameter {name} has shape {got}, expected {shape} (W_enc is {(d, f)})"
+                )
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             value = getattr(self, name)
             if value is not None:
@@ -252,10 +254,12 @@ def fold(sae: SAE) -> SAE:
     w = weights(sae)  # validates
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     if w.threshold is not None:
-        theta = sae.threshold.detach().double()
-        state["W_enc"] = (sae.W_enc.detach().double() / theta[None, :]).to(sae.W_enc.dtype)
-        state["b_enc"] = (sae.b_enc.detach().double() / theta).to(sae.b_enc.dtype)
-        state["W_dec"] = (sae.W_dec.detach().double() * theta[:, None]).to(sae.W_dec.dtype)
+        # at least float32 (half-precision SAEs are folded in float32, then cast back)
+        work = torch.promote_types(sae.W_enc.dtype, torch.float32)
+        theta = sae.threshold.detach().to(work)
+        state["W_enc"] = (sae.W_enc.detach().to(work) / theta[None, :]).to(sae.W_enc.dtype)
+        state["b_enc"] = (sae.b_enc.detach().to(work) / theta).to(sae.b_enc.dtype)
+        state["W_dec"] = (sae.W_dec.detach().to(work) * theta[:, None]).to(sae.W_dec.dtype)
         state["threshold"] = torch.ones_like(sae.threshold.detach())
     cfg = copy.deepcopy(sae.cfg)
     cfg.device = str(sae.W_enc.device)
@@ -322,25 +326,33 @@ def _from_zoo(release: str, sae_id: str, device: str) -> SAE:
     try:
         from featmatch import zoo
     except ImportError as exc:
-        raise ImportError(f"cannot resolve zoo release {release!r}: featmatch.zoo is not available ({exc})") from exc
+        raise ImportError(
+            f"cannot resolve zoo release {release!r}: featmatch.zoo is not available ({exc})"
+        ) from exc
     path = zoo.sae_path(release, sae_id)
     return _from_disk(Path(path), device)
 
 
 def _from_disk(path: Path, device: str) -> SAE:
-    from sae_lens import SAE
-
     if not path.exists():
         raise FileNotFoundError(f"SAE folder not found: {path}")
     if not path.is_dir():
-        raise ValueError(f"SAE source {str(path)!r} is a file; pass the folder holding cfg.json and the weights")
+        raise ValueError(
+            f"SAE source {str(path)!r} is a file; pass the folder holding cfg.json and the weights"
+        )
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"SAE folder {path} has no cfg.json (not a SAELens SAE folder)")
+    from sae_lens import SAE  # imported only once the folder is known to exist (a slow import)
+
     return SAE.load_from_disk(path, device=device)
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "~", "/")) or os.sep in source or (os.altsep is not None and os.altsep in source)
+    return (
+        source.startswith((".", "~", "/"))
+        or os.sep in source
+        or (os.altsep is not None and os.altsep in source)
+    )
 
 
 def load_sae(source: str | os.PathLike, sae_id: str | None = None, device: str = "cpu") -> SAE:
@@ -429,7 +441,8 @@ class SAESet:
     hook : str
         Hook-name template with ``{layer}``, e.g. ``"blocks.{layer}.hook_resid_post"``.
     layers : tuple of int
-        Layers at which the set has (or, for a zoo, may have) an SAE.
+        Layers at which the set has an SAE. For zoo sets these are the layers the zoo
+        profile trains (``featmatch.zoo.get_profile``); they exist once the zoo is built.
     description : str
     """
 
@@ -467,40 +480,65 @@ class SAESet:
             )
 
 
+def _zoo_layers(name: str, profile: str, variant: str, n_layers: int) -> tuple[int, ...]:
+    """Layers a zoo profile trains, from ``featmatch.zoo`` (which reads ``zoo_profiles.yaml``).
+
+    Falls back to every layer of the model when ``featmatch.zoo`` cannot be imported (the
+    loader then reports any layer the zoo does not have).
+    """
+    try:
+        from featmatch import zoo
+
+        prof = zoo.get_profile(profile)
+    except (ImportError, AttributeError):
+        return tuple(range(n_layers))
+    layers = prof.layers_for(n_layers) if variant == "main" else prof.l0b_layers_for(n_layers)
+    if not layers:
+        raise ValueError(f"SAE set {name!r}: zoo profile {profile!r} has no {variant} layers")
+    return tuple(int(x) for x in layers)
+
+
 def _parse_layers(name: str, spec: Any) -> tuple[int, ...]:
     if isinstance(spec, dict) and set(spec) == {"start", "stop"}:
         return tuple(range(int(spec["start"]), int(spec["stop"])))
+    if isinstance(spec, dict) and set(spec) == {"zoo_profile", "variant", "n_layers"}:
+        if spec["variant"] not in ("main", "l0b"):
+            raise ValueError(f"sae_sets.yaml: set {name!r} has zoo variant {spec['variant']!r} (main or l0b)")
+        return _zoo_layers(name, str(spec["zoo_profile"]), str(spec["variant"]), int(spec["n_layers"]))
     if isinstance(spec, list) and spec and all(isinstance(x, int) for x in spec):
         return tuple(spec)
     raise ValueError(f"sae_sets.yaml: set {name!r} has a bad 'layers' entry {spec!r}")
 
 
 @functools.lru_cache(maxsize=1)
-def _registry() -> dict[str, SAESet]:
+def _raw_registry() -> dict[str, dict[str, Any]]:
     import yaml
 
     text = resources.files("featmatch").joinpath("sae_sets.yaml").read_text(encoding="utf-8")
     raw = yaml.safe_load(text) or {}
-    sets: dict[str, SAESet] = {}
-    for name, entry in raw.get("sets", {}).items():
+    sets = dict(raw.get("sets", {}))
+    for name, entry in sets.items():
         missing = {"model", "release", "sae_id", "hook", "layers"} - set(entry)
         if missing:
             raise ValueError(f"sae_sets.yaml: set {name!r} lacks {sorted(missing)}")
-        sets[name] = SAESet(
-            name=name,
-            model=str(entry["model"]),
-            release=str(entry["release"]),
-            sae_id=str(entry["sae_id"]),
-            hook=str(entry["hook"]),
-            layers=_parse_layers(name, entry["layers"]),
-            description=str(entry.get("description", "")).strip(),
-        )
     return sets
+
+
+def _build_set(name: str, entry: dict[str, Any]) -> SAESet:
+    return SAESet(
+        name=name,
+        model=str(entry["model"]),
+        release=str(entry["release"]),
+        sae_id=str(entry["sae_id"]),
+        hook=str(entry["hook"]),
+        layers=_parse_layers(name, entry["layers"]),  # zoo layers are resolved on every lookup
+        description=str(entry.get("description", "")).strip(),
+    )
 
 
 def sae_sets() -> list[str]:
     """Names of the registered SAE sets."""
-    return sorted(_registry())
+    return sorted(_raw_registry())
 
 
 def sae_set(name: str) -> SAESet:
@@ -511,10 +549,10 @@ def sae_set(name: str) -> SAESet:
     ValueError
         For an unknown name (the message lists the known ones).
     """
-    reg = _registry()
+    reg = _raw_registry()
     if name not in reg:
         raise ValueError(f"unknown SAE set {name!r}; known sets: {', '.join(sorted(reg))}")
-    return reg[name]
+    return _build_set(name, reg[name])
 
 
 def load_layer_sae(set_name: str, layer: int, device: str = "cpu") -> SAE:

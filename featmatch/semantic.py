@@ -122,7 +122,9 @@ def _sha(*parts: bytes | str) -> str:
 
 
 def _tokens_sha(tokens: Any) -> str:
-    arr = np.ascontiguousarray(np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens), dtype=np.int64)
+    arr = np.ascontiguousarray(
+        np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens), dtype=np.int64
+    )
     return _sha(str(arr.shape), arr.tobytes())
 
 
@@ -305,7 +307,9 @@ class ReferenceSpace:
         with np.load(path, allow_pickle=False) as z:
             opt = {k: z[k] for k in ("mean", "basis", "explained_variance_ratio") if k in z}
             strs = {k: str(z[k]) for k in ("hook_name", "tokens_sha") if k in z}
-            return cls(z["coords"], int(z["seq_len"]), str(z["name"]), space_id=str(z["space_id"]), **opt, **strs)
+            return cls(
+                z["coords"], int(z["seq_len"]), str(z["name"]), space_id=str(z["space_id"]), **opt, **strs
+            )
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -330,7 +334,9 @@ def _resolve_space(model: Any, space: str) -> tuple[str, int | None]:
         if not 0 <= layer < n_layers:
             raise ValueError(f"reference layer {arg} out of range for a {n_layers}-layer model")
         return f"blocks.{layer}.hook_resid_post", layer + 1
-    raise ValueError(f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'")
+    raise ValueError(
+        f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'"
+    )
 
 
 def reference_coordinates(
@@ -458,7 +464,9 @@ class FeatureDistributions:
             sums = weights.sum(1)
             if np.abs(sums - 1.0).max() > 1e-6:
                 bad = int(np.abs(sums - 1.0).argmax())
-                raise ValueError(f"weights of row {bad} sum to {sums[bad]:.6g}, not 1 (empty features must be excluded)")
+                raise ValueError(
+                    f"weights of row {bad} sum to {sums[bad]:.6g}, not 1 (empty features must be excluded)"
+                )
         if len(np.unique(ids)) != len(ids):
             raise ValueError("feature_ids must be unique")
         n_features = self.n_features
@@ -751,7 +759,10 @@ def pair_distances(
     _check_method(method, p)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     if pairs.size and (
-        pairs[:, 0].min() < 0 or pairs[:, 0].max() >= len(a) or pairs[:, 1].min() < 0 or pairs[:, 1].max() >= len(b)
+        pairs[:, 0].min() < 0
+        or pairs[:, 0].max() >= len(a)
+        or pairs[:, 1].min() < 0
+        or pairs[:, 1].max() >= len(b)
     ):
         raise IndexError("pair rows out of range")
     out = np.empty(len(pairs), dtype=np.float64)
@@ -887,21 +898,33 @@ def distance_matrix(
     if candidates is None:
         if method == "sliced":
             return _sliced_matrix(a, b, **sliced_kw)
-        rows, cols = np.meshgrid(np.arange(FA), np.arange(FB), indexing="ij")
-        pairs = np.stack([rows.ravel(), cols.ravel()], 1)
+        mask = None
     else:
         mask = _candidate_mask(a, b, candidates, sliced_kw)
-        pairs = np.argwhere(mask)
         if method == "sliced":
             out = np.full((FA, FB), np.inf)
             out[mask] = _sliced_matrix(a, b, **sliced_kw)[mask]
             return out
     out = np.full((FA, FB), np.inf)
-    if len(pairs):
-        vals = pair_distances(
-            a, b, pairs, method, p=p, reg=reg, num_iter_max=num_iter_max, progress=progress
-        )
-        out[pairs[:, 0], pairs[:, 1]] = vals
+    n_total = FA * FB if mask is None else int(mask.sum())
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_total, desc=f"{method} W{p}", disable=not progress, mininterval=1.0) as bar:
+        rows_per_chunk = max(1, 65536 // max(FB, 1))  # never materialise all F_A * F_B pairs
+        for start in range(0, FA, rows_per_chunk):
+            block = (
+                np.ones((min(rows_per_chunk, FA - start), FB), bool)
+                if mask is None
+                else mask[start : start + rows_per_chunk]
+            )
+            pairs = np.argwhere(block)
+            if not len(pairs):
+                continue
+            pairs[:, 0] += start
+            out[pairs[:, 0], pairs[:, 1]] = pair_distances(
+                a, b, pairs, method, p=p, reg=reg, num_iter_max=num_iter_max, progress=False
+            )
+            bar.update(len(pairs))
     return out
 
 
@@ -917,9 +940,10 @@ def _candidate_mask(
         if FA == 0 or FB == 0:
             return mask
         c = min(c, FB)
-        S = _sliced_matrix(a, b, **sliced_kw)
-        idx = np.argpartition(S, c - 1, axis=1)[:, :c]
-        np.put_along_axis(mask, idx, True, axis=1)
+        theta = _ot.random_directions(sliced_kw["n_projections"], a.k, sliced_kw["seed"])
+        ea = _ot.quantile_embedding(a.coords, a.weights, theta, sliced_kw["n_quantiles"])
+        eb = _ot.quantile_embedding(b.coords, b.weights, theta, sliced_kw["n_quantiles"])
+        np.put_along_axis(mask, _ot.sliced_topc(ea, eb, c, p=sliced_kw["p"]), True, axis=1)
         return mask
     mask = np.asarray(candidates)
     if mask.dtype != bool or mask.shape != (FA, FB):
@@ -980,7 +1004,11 @@ def topk_from_distances(D: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     dist = np.full((D.shape[0], k), np.inf)
     if kk == 0 or D.shape[0] == 0:
         return idx, dist
-    part = np.argpartition(D, kk - 1, axis=1)[:, :kk] if kk < D.shape[1] else np.tile(np.arange(kk), (D.shape[0], 1))
+    part = (
+        np.argpartition(D, kk - 1, axis=1)[:, :kk]
+        if kk < D.shape[1]
+        else np.tile(np.arange(kk), (D.shape[0], 1))
+    )
     vals = np.take_along_axis(D, part, 1)
     order = np.argsort(vals, axis=1, kind="stable")
     part = np.take_along_axis(part, order, 1)
@@ -1047,8 +1075,16 @@ def semantic_match(
     _check_pair(a, b)
     if distances is None:
         D = distance_matrix(
-            a, b, method, p=p, reg=reg, n_projections=n_projections, n_quantiles=n_quantiles,
-            candidates=candidates, seed=seed, progress=progress,
+            a,
+            b,
+            method,
+            p=p,
+            reg=reg,
+            n_projections=n_projections,
+            n_quantiles=n_quantiles,
+            candidates=candidates,
+            seed=seed,
+            progress=progress,
         )
     else:
         D = np.asarray(distances, dtype=np.float64)
@@ -1264,7 +1300,9 @@ def approximation_report(
         const = np.ptp(approx) == 0 or np.ptp(exact) == 0
         nn: dict[str, Any] = {}
         if n_rows > 0:
-            approx_rows = pair_distances(a, b, row_pairs, name, p=p, progress=progress, **kw).reshape(nr, len(b))
+            approx_rows = pair_distances(a, b, row_pairs, name, p=p, progress=progress, **kw).reshape(
+                nr, len(b)
+            )
             best = exact_rows.argmin(1)
             top_c = np.argsort(approx_rows, axis=1, kind="stable")[:, :c]
             nn = {

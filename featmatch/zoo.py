@@ -216,7 +216,9 @@ def _raw_profiles() -> dict[str, dict[str, Any]]:
 _RAW_PROFILES = _raw_profiles()
 
 #: Profiles by name, from ``zoo_profiles.yaml``.
-PROFILES: dict[str, ZooProfile] = {name: ZooProfile.from_dict(name, raw) for name, raw in _RAW_PROFILES.items()}
+PROFILES: dict[str, ZooProfile] = {
+    name: ZooProfile.from_dict(name, raw) for name, raw in _RAW_PROFILES.items()
+}
 
 
 def make_profile(name: str, base: str = "tiny", **overrides: Any) -> ZooProfile:
@@ -383,8 +385,7 @@ def sae_path(release: str, sae_id: str) -> Path:
     problem = _verify_files(sae_dir, entry.get("files", {}))
     if problem:
         raise ZooIntegrityError(
-            f"zoo SAE {release}:{sae_id} failed verification ({problem}); "
-            f"{_build_hint(name)} to rebuild it"
+            f"zoo SAE {release}:{sae_id} failed verification ({problem}); {_build_hint(name)} to rebuild it"
         )
     return sae_dir
 
@@ -423,8 +424,14 @@ def quality_table(profile: str | ZooProfile):
     rows = []
     for variant, entries in man.get("saes", {}).items():
         for layer, e in entries.items():
-            rows.append({"variant": variant, "layer": int(layer), **e.get("quality", {}),
-                         "train_seconds": e.get("train_seconds")})
+            rows.append(
+                {
+                    "variant": variant,
+                    "layer": int(layer),
+                    **e.get("quality", {}),
+                    "train_seconds": e.get("train_seconds"),
+                }
+            )
     return pd.DataFrame(rows).sort_values(["variant", "layer"]).reset_index(drop=True)
 
 
@@ -480,17 +487,13 @@ def _gather(
         a = act[:, 1:, :].reshape(-1, d)
         buf[i, state["row"] : state["row"] + a.shape[0]] = a.to(torch.float16)
 
-    stop = max(layers) + 1
-    stop_at = stop if stop < model.cfg.n_layers else None
+    # stop right after the deepest layer; even at n_layers this skips ln_final and the unembedding
+    stop_at = max(layers) + 1
     fwd_hooks = [(name, save) for name in names]
     with torch.inference_mode():
         for start in tqdm(range(0, n_seq, batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = tokens[start : start + batch_size]
-            if stop_at is None:
-                # stop_at_layer=n_layers still skips the final norm and the unembedding
-                model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=model.cfg.n_layers)
-            else:
-                model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
+            model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
             state["row"] += batch.shape[0] * (seq_len - 1)
     return buf
 
@@ -749,23 +752,45 @@ def build_zoo(
             if problem is None:
                 man["saes"][variant][str(layer)] = entry
                 continue
-            warnings.warn(f"zoo {prof.name!r} {variant} layer {layer}: {problem}; rebuilding it", stacklevel=2)
+            warnings.warn(
+                f"zoo {prof.name!r} {variant} layer {layer}: {problem}; rebuilding it", stacklevel=2
+            )
         pending.append((variant, layer))
 
     if pending:
         atomic_write_json(man_file, man)
         layers = sorted({layer for _, layer in pending})
         t0 = time.perf_counter()
-        train_tokens = corpus.token_batches(tokenizer, prof.n_tokens, prof.seq_len, prof.source, "train", prof.seed)
-        eval_tokens = corpus.token_batches(tokenizer, prof.eval_tokens, prof.seq_len, prof.source, "eval", prof.seed)
+        train_tokens = corpus.token_batches(
+            tokenizer, prof.n_tokens, prof.seq_len, prof.source, "train", prof.seed
+        )
+        eval_tokens = corpus.token_batches(
+            tokenizer, prof.eval_tokens, prof.seq_len, prof.source, "eval", prof.seed
+        )
         man["timings"]["tokenize_seconds"] = time.perf_counter() - t0
         storage = root / "activations" / "train.npy" if prof.storage == "memmap" else None
         try:
             t0 = time.perf_counter()
-            x_train = _gather(model, train_tokens, layers, prof.hook, prof.forward_batch_size, storage,
-                              progress, "gathering train activations")
-            x_eval = _gather(model, eval_tokens, layers, prof.hook, prof.forward_batch_size, None,
-                             progress, "gathering eval activations")
+            x_train = _gather(
+                model,
+                train_tokens,
+                layers,
+                prof.hook,
+                prof.forward_batch_size,
+                storage,
+                progress,
+                "gathering train activations",
+            )
+            x_eval = _gather(
+                model,
+                eval_tokens,
+                layers,
+                prof.hook,
+                prof.forward_batch_size,
+                None,
+                progress,
+                "gathering eval activations",
+            )
             man["timings"]["gather_seconds"] = time.perf_counter() - t0
             man["timings"]["gather_tokens"] = int(train_tokens.numel() + eval_tokens.numel())
             man["timings"]["gather_layers"] = len(layers)

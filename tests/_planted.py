@@ -120,11 +120,17 @@ def planted_pair(
     noise: float = 0.02,
     seed: int = 0,
     theta_base: tuple[float, float] = (1.0, 1.5),
+    n_shared: int | None = None,
 ) -> Planted:
-    """A planted pair: about ``no_partner`` of the features of each SAE have no partner."""
+    """A planted pair sharing ``n_shared`` features (default: ``1 - no_partner`` of the smaller SAE).
+
+    Thresholds are independent per feature in both SAEs, log-uniform in
+    ``theta_base[k] * [0.5, 2]`` (B's base is larger, as hidden-state norms grow with depth).
+    """
     rng = np.random.default_rng(seed)
     f_b = f_a if f_b is None else f_b
-    n_shared = int(round((1 - no_partner) * min(f_a, f_b)))
+    if n_shared is None:
+        n_shared = int(round((1 - no_partner) * min(f_a, f_b)))
     pa = random_folded(d, f_a, rng)
     pb, truth = successor(pa, f_b, n_shared, noise, rng)
     sae_a = unfolded_sae(pa, thetas(f_a, rng, theta_base[0]), "blocks.0.hook_resid_post")
@@ -158,8 +164,12 @@ def recovery(perm: np.ndarray, truth: np.ndarray) -> float:
 
 
 def planted_scale_families(
-    d: int = 32, n_dirs: int = 40, magnitudes: tuple[float, ...] = (1.0, 2.5), jitter: float = 0.05,
-    noise: float = 0.01, seed: int = 0,
+    d: int = 32,
+    n_dirs: int = 40,
+    magnitudes: tuple[float, ...] = (1.0, 2.5),
+    jitter: float = 0.05,
+    noise: float = 0.01,
+    seed: int = 0,
 ) -> Planted:
     """A pair in which features are told apart by their *scale*, stored in unit-norm-decoder form.
 

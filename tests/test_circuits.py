@@ -87,6 +87,8 @@ def test_linearisation_error_is_second_order_on_layernorm_model(setup):
     df = C.linearisation_check(model, saes, task, scales=(1.0, 0.1, 0.01))
     print("\ntiny LN model:\n", df.to_string())
     for _L, d in df.groupby("layer"):
+        if d.set_index("scale")["actual"].abs()[0.1] < 1e-4:
+            continue  # last layer: ln_final is scale-invariant, both sides are ~0 (float noise)
         e = d.set_index("scale")["abs_error"]
         assert e[0.01] < 0.05 * e[0.1] + 1e-7  # O(s^2): 100x smaller for 10x smaller s
         assert d.set_index("scale")["rel_error"][0.01] < 0.3
@@ -180,25 +182,26 @@ def test_compression_scores(setup):
         def score(self, a, b):
             return type("J", (), {"label": 3 if a.split(":")[0] == b.split(":")[0] else 1})()
 
-    methods = {
-        "decoder cosine": C.supernodes(g, C.decoder_cosine_distance(g, saes), fraction=0.2, name="decoder cosine"),
-        "layer": C.supernodes(g, C.layer_distance(g), n_clusters=3, name="layer"),
-    }
+    cos = C.supernodes(g, C.decoder_cosine_distance(g, saes), fraction=0.2, name="decoder cosine")
+    layer = C.supernodes(g, C.layer_distance(g), n_clusters=3, name="layer")
     summary, curves = C.compare_methods(
-        model, saes, g, methods, judge=SameLayerJudge(), describe=lambda L, f: f"{L}:{f}"
+        model, saes, g, {"layer": layer}, judge=SameLayerJudge(), describe=lambda L, f: f"{L}:{f}"
     )
     assert summary.loc["layer", "judge_mean"] == 3.0  # layer supernodes hold one layer each
-    for name, sn in methods.items():
-        row = summary.loc[name]
+    means = C.ablation_means(model, saes, g.task)
+    eff = C.node_ablation_effects(model, saes, g, means=means)
+    sc = C.compression_scores(model, saes, g, cos, means=means, node_effects=eff)
+    for sn, row, c in [
+        (layer, summary.loc["layer"], curves[curves.level == "supernode"]),
+        (cos, pd.Series(sc.summary), sc.curve[sc.curve.level == "supernode"]),
+    ]:
         assert row["compression_ratio"] == pytest.approx(g.n_nodes / sn.n_supernodes)
-        c = curves[(curves.method == name) & (curves.level == "supernode")]
         assert c["n_nodes"].iloc[-1] == g.n_nodes and c["faithfulness"].iloc[0] == 0.0
         assert c["faithfulness"].iloc[-1] == pytest.approx(row["faithfulness_graph"])
         assert 0.0 <= row["accuracy_graph"] <= 1.0
-    sc = C.compression_scores(model, saes, g, methods["layer"])
     single = sc.table[sc.table.n_members == 1]
     assert np.allclose(single["effect"], single["sum_member_effects"], atol=1e-5)  # singleton coherence
-    assert {"effect", "sum_member_effects", "coherence"} <= set(sc.table.columns)
+    assert np.isnan(sc.summary["judge_mean"])  # no judge given
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -207,6 +210,7 @@ class _CharTokenizer:
 
     bos_token_id = 0
     bos_token = "<s>"
+    padding_side = "right"
 
     def __init__(self):
         self.vocab: dict[str, int] = {}
@@ -227,17 +231,23 @@ class _CharTokenizer:
 
 
 def test_digit_prompts_tokenise_and_report_per_format():
-    model = tiny_model()
+    model = tiny_model(n_ctx=96)
     model.tokenizer = _CharTokenizer()
-    task = C.digit_addition_prompts(formats=["plus_is", "symbolic", "chat_question"], tokenizer=model.tokenizer)
-    assert len(task) == 3 * 55 and task.answers[0] == "0"
+    task = C.digit_addition_prompts(
+        formats=["plus_is", "symbolic", "chat_question"], tokenizer=model.tokenizer, n_per_format=10
+    )
+    assert len(task) == 3 * 10 and set(task.formats) == {"plus_is", "symbolic", "chat_question"}
     tt = C.tokenize_task(model, task)
     assert all(len(a) == 1 for a in tt.answer_ids)  # single-digit answers are one token
     assert all(int(t[0]) == 0 and int((t == 0).sum()) == 1 for t in tt.tokens)  # exactly one BOS
     res = C.answer_accuracy(model, tt)
     acc = C.accuracy_by_format(res)
     assert list(acc["format"]) == ["plus_is", "symbolic", "chat_question"]
-    assert (acc["n"] == 55).all() and acc["accuracy"].between(0, 1).all()
+    assert (acc["n"] == 10).all() and acc["accuracy"].between(0, 1).all()
+    # a whitespace token leading the answer moves into the prompt (metric reads the digit)
+    own = C.tokenize_task(model, C.TaskPrompts(["1 plus 2 is"], [" 3"], counterfactuals=[" 4"]))
+    assert own.prompts == ["1 plus 2 is "] and len(own.answer_ids[0]) == 1
+    assert model.tokenizer.decode(own.answer_ids[0]) == "3" and model.tokenizer.decode([own.counterfactual_ids[0]]) == "4"
     with pytest.raises(ValueError, match="tokenizer"):
         C.digit_addition_prompts(formats=["chat_question"])
 
@@ -325,8 +335,9 @@ def test_distance_builders(setup):
     j = {L: jumprelu_sae(seed=L, hook_name=f"blocks.{L}.hook_resid_post") for L in LAYERS}
     fn = g.feature_nodes()
     (i, ri), (k, rk) = list(fn.iloc[[0, -1]].iterrows())
-    Wi = j[ri.layer].W_dec[ri.feature] * j[ri.layer].threshold[ri.feature]
-    Wk = j[rk.layer].W_dec[rk.feature] * j[rk.layer].threshold[rk.feature]
+    with torch.no_grad():
+        Wi = j[ri.layer].W_dec[ri.feature] * j[ri.layer].threshold[ri.feature]
+        Wk = j[rk.layer].W_dec[rk.feature] * j[rk.layer].threshold[rk.feature]
     D = C.sae_match_distance(g, j)
     assert D[0, -1] == pytest.approx(float(((Wi - Wk) ** 2).mean()), rel=1e-5)
 

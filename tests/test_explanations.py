@@ -152,8 +152,8 @@ def fake_stats():
         [
             [0, 8, 9, 6, 4, 5],  # flew to Paris on mat
             [0, 1, 2, 3, 9, 7],  # the cat sat to London
-            [0, 8, 9, 6, 10, 1],
-        ],  # flew to Paris \n the
+            [0, 8, 9, 6, 10, 1],  # flew to Paris \n the
+        ],
         dtype=torch.long,
     )
     # feature 0 fires on cities; feature 1 never fires; feature 2 only on BOS (excluded)

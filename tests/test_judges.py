@@ -373,5 +373,7 @@ def test_proxy_thresholds_reproduce_calibration(proxy):
     assert report["accuracy"] >= 0.9
     cal = judges.load_proxy_calibration()
     paper = cal[cal["origin"] == "paper"]
-    df = proxy.score_many(paper, progress=False)
+    with pytest.raises(ValueError, match="would be overwritten"):
+        proxy.score_many(paper, progress=False)
+    df = proxy.score_many(paper[["text_a", "text_b"]], progress=False)
     assert list(df["label"]) == list(paper["label"])  # the three App. C examples come out right

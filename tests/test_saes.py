@@ -28,7 +28,9 @@ from featmatch.saes import (
 )
 
 
-def _random_jumprelu(d_in: int, d_sae: int, seed: int, log_theta: tuple[float, float], apply_b_dec: bool) -> JumpReLUSAE:
+def _random_jumprelu(
+    d_in: int, d_sae: int, seed: int, log_theta: tuple[float, float], apply_b_dec: bool
+) -> JumpReLUSAE:
     g = torch.Generator().manual_seed(seed)
     cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec)
     sae = JumpReLUSAE(cfg)
@@ -90,8 +92,10 @@ def test_fold_preserves_reconstruction_and_divides_activations(
         assert torch.equal(v, before[k]), k
     # same firing pattern, activations divided by theta
     assert torch.equal(f_fold > 0, f > 0)
-    assert _row_rel_err(f_fold * theta, f) <= 1e-5 or float(f.abs().max()) == 0.0
-    torch.testing.assert_close(f_fold, f / theta, rtol=1e-5, atol=1e-6 * float(f.abs().max() / theta.min() + 1))
+    assert _row_rel_err(f_fold * theta, f) <= 1e-5
+    torch.testing.assert_close(
+        f_fold, f / theta, rtol=1e-5, atol=1e-6 * float(f.abs().max() / theta.min() + 1)
+    )
     # same reconstruction within 1e-5 relative
     assert _row_rel_err(x_hat_fold, x_hat) <= 1e-5
 
@@ -134,10 +138,17 @@ def test_weights_view_shapes_and_types():
     w = weights(jumprelu_sae(d_in=6, d_sae=10, seed=0, hook_name="blocks.3.hook_resid_post"))
     assert isinstance(w, SAEWeights)
     assert (w.d_in, w.d_sae) == (6, 10)
-    assert w.W_enc.shape == (6, 10) and w.W_dec.shape == (10, 6) and w.b_enc.shape == (10,) and w.b_dec.shape == (6,)
+    assert (
+        w.W_enc.shape == (6, 10)
+        and w.W_dec.shape == (10, 6)
+        and w.b_enc.shape == (10,)
+        and w.b_dec.shape == (6,)
+    )
     assert w.threshold is not None and w.threshold.shape == (10,)
     assert w.architecture == "jumprelu" and w.hook_name == "blocks.3.hook_resid_post"
-    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w.W_enc, w.b_enc, w.W_dec, w.b_dec))
+    assert all(
+        t.dtype == torch.float32 and t.device.type == "cpu" for t in (w.W_enc, w.b_enc, w.W_dec, w.b_dec)
+    )
     assert weights(standard_sae(d_in=6, d_sae=10)).threshold is None
 
 
@@ -293,6 +304,17 @@ def test_hub_sets_name_real_saelens_ids(name):
     saes_map = get_pretrained_saes_directory()[s.release].saes_map
     missing = [s.sae_id_for(layer) for layer in s.layers if s.sae_id_for(layer) not in saes_map]
     assert missing == []
+
+
+def test_zoo_sets_take_their_layers_from_the_zoo_profiles():
+    zoo = pytest.importorskip("featmatch.zoo")
+    for prof in ("tiny", "quick", "full"):
+        p = zoo.get_profile(prof)
+        main, l0b = sae_set(f"featmatch-smollm2-{prof}"), sae_set(f"featmatch-smollm2-{prof}-l0b")
+        assert main.layers == tuple(p.layers_for(30)) and l0b.layers == tuple(p.l0b_layers_for(30))
+        assert main.release == p.release_of("main") and l0b.release == p.release_of("l0b")
+        assert main.sae_id_for(main.layers[0]) == zoo.sae_id(p, main.layers[0])
+        assert main.hook == p.hook and main.model == p.model
 
 
 def test_registry_errors():

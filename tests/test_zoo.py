@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from _builders import tiny_model
 from sae_lens import SAE
 
 from featmatch import zoo
-from _builders import tiny_model
 
 
 class ByteTokenizer:
@@ -145,8 +145,10 @@ def test_interrupted_build_resumes_without_retraining(tmp_cache, model, monkeypa
     assert not man["complete"] and sorted(man["saes"]["main"]) == ["0", "1"]
     with pytest.raises(FileNotFoundError, match="not built yet"):
         zoo.sae_path(prof.release, "blocks.2.hook_resid_post")
-    before = {layer: (weight_file(prof, "main", layer).stat().st_mtime_ns,
-                      man["saes"]["main"][str(layer)]["files"]) for layer in (0, 1)}
+    before = {
+        layer: (weight_file(prof, "main", layer).stat().st_mtime_ns, man["saes"]["main"][str(layer)]["files"])
+        for layer in (0, 1)
+    }
 
     calls.clear()
     monkeypatch.setattr(zoo, "_train_sae", lambda *a, **k: (calls.append(a[1:3]), real(*a, **k))[1])

@@ -1,0 +1,170 @@
+"""Throughput of :func:`featmatch.activations.gather` against the bare forward.
+
+Runs on the real SmolLM2-135M (``featmatch.models.load_model``) with one SAE per layer on
+all 30 layers (width 1024) and a few adjacent layer pairs, and compares tokens/s of
+
+* the bare forward: ``model(batch, stop_at_layer=30)`` under ``torch.no_grad()``, and
+* ``gather(model, saes, tokens, pairs=..., cache=False, progress=False)``,
+
+on the same tokens (batch 16 x 128). The two are timed alternately ``--repeats`` times
+and the best run of each is compared (the machine is shared, so the minimum is the
+least noisy estimate). The target is a ratio >= 0.75.
+
+SAEs: the built zoo of ``--profile`` when its manifest exists (``--saes zoo``), else
+random-but-realistic JumpReLU SAEs (``--saes random``): random unit encoder directions,
+``b_dec`` = the mean residual, and per-feature thresholds set on a calibration batch so
+that feature ``i`` fires at a rate drawn log-uniformly in [1e-3, 0.15] (L0 about 30,
+close to the zoo's target sparsity).
+
+Usage::
+
+    python benchmarks/bench_activations.py [--batches 6] [--repeats 2] [--profile-top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def realistic_saes(model, tokens: torch.Tensor, width: int, seed: int = 0) -> dict:
+    """JumpReLU SAEs with random directions and thresholds calibrated to realistic firing rates."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    n_layers, d = model.cfg.n_layers, model.cfg.d_model
+    hooks = [f"blocks.{L}.hook_resid_post" for L in range(n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[:8], names_filter=hooks, stop_at_layer=n_layers)
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    saes = {}
+    for L, hook in enumerate(hooks):
+        x = cache[hook][:, 1:].reshape(-1, d)
+        keep = x.norm(dim=1) < 10 * x.norm(dim=1).median()  # drop the rare outlier positions
+        x = x[keep]
+        cfg = JumpReLUSAEConfig(d_in=d, d_sae=width)
+        cfg.metadata.hook_name = hook
+        sae = JumpReLUSAE(cfg)
+        W = torch.randn(d, width, generator=g)
+        W /= W.norm(dim=0, keepdim=True)
+        with torch.no_grad():
+            sae.W_enc.copy_(W)
+            sae.W_dec.copy_(W.T)
+            sae.b_enc.zero_()
+            sae.b_dec.copy_(x.mean(0))
+            pre = (x - sae.b_dec) @ W
+            rate = torch.from_numpy(np.exp(rng.uniform(np.log(1e-3), np.log(0.15), width))).float()
+            srt = pre.sort(dim=0).values  # per-feature quantile (1 - rate) of the pre-activations
+            idx = ((1 - rate) * (srt.shape[0] - 1)).long().clamp(0, srt.shape[0] - 1)
+            sae.threshold.copy_(srt.gather(0, idx[None, :])[0].clamp_min(1e-3))
+        saes[L] = sae
+    return saes
+
+
+def zoo_saes(profile: str, n_layers: int) -> dict | None:
+    try:
+        from featmatch.zoo import load_zoo_sae, manifest
+
+        manifest(profile)
+    except Exception as exc:  # not built (FileNotFoundError) or zoo module unavailable
+        print(f"[bench] zoo '{profile}' not available ({type(exc).__name__}); using random SAEs")
+        return None
+    return {L: load_zoo_sae(profile, L) for L in range(n_layers)}
+
+
+def bare_forward(model, tokens: torch.Tensor, batch: int, stop: int) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, tokens.shape[0], batch):
+            model(tokens[s : s + batch], stop_at_layer=stop)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batches", type=int, default=6, help="batches of 16 x 128 tokens")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--saes", choices=["auto", "zoo", "random"], default="auto")
+    ap.add_argument("--profile", default="quick", help="zoo profile for --saes zoo/auto")
+    ap.add_argument("--pairs", default="0-1,14-15,28-29")
+    ap.add_argument("--no-fast-encode", action="store_true", help="always call sae.encode")
+    ap.add_argument("--profile-top", type=int, default=0, help="cProfile one gather and print N rows")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from featmatch.activations import gather
+    from featmatch.corpus import token_batches
+    from featmatch.models import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    model.eval()
+    n_layers = model.cfg.n_layers
+    tokens = token_batches(
+        model.tokenizer, args.batches * args.batch_size * args.seq_len, seq_len=args.seq_len, split="eval"
+    )
+    print(f"[bench] model {args.model}: {n_layers} layers, d_model {model.cfg.d_model}; "
+          f"tokens {tuple(tokens.shape)}; load {time.perf_counter() - t0:.1f}s")
+
+    saes = zoo_saes(args.profile, n_layers) if args.saes in ("auto", "zoo") else None
+    if saes is None:
+        if args.saes == "zoo":
+            return 1
+        t0 = time.perf_counter()
+        saes = realistic_saes(model, tokens, args.width)
+        print(f"[bench] built {len(saes)} random JumpReLU SAEs (width {args.width}) in {time.perf_counter() - t0:.1f}s")
+    pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",") if p]
+    kw = dict(pairs=pairs, cache=False, progress=False, batch_size=args.batch_size, fast_encode=not args.no_fast_encode)
+
+    # warm-up (allocator, first-call overheads) on one batch
+    bare_forward(model, tokens[: args.batch_size], args.batch_size, n_layers)
+    gather(model, saes, tokens[: args.batch_size], **kw)
+
+    n_tok = tokens.numel()
+    bare_t, gather_t = [], []
+    stats = None
+    for r in range(args.repeats):
+        bare_t.append(bare_forward(model, tokens, args.batch_size, n_layers))
+        t0 = time.perf_counter()
+        stats = gather(model, saes, tokens, **kw)
+        gather_t.append(time.perf_counter() - t0)
+        print(f"[bench] repeat {r}: bare {n_tok / bare_t[-1]:.0f} tok/s, gather {n_tok / gather_t[-1]:.0f} tok/s, "
+              f"ratio {bare_t[-1] / gather_t[-1]:.3f}")
+
+    l0 = [stats.l0(L) for L in stats.layers]
+    print(f"[bench] SAE L0 over layers: min {min(l0):.1f}, median {statistics.median(l0):.1f}, max {max(l0):.1f}")
+    best_bare, best_gather = min(bare_t), min(gather_t)
+    ratio_best = best_bare / best_gather
+    ratio_med = statistics.median(bare_t) / statistics.median(gather_t)
+    print(f"bare forward (stop_at_layer={n_layers}): {n_tok / best_bare:8.0f} tok/s (best of {args.repeats})")
+    print(f"gather ({len(saes)} SAEs, {len(pairs)} pairs):     {n_tok / best_gather:8.0f} tok/s (best of {args.repeats})")
+    print(f"RATIO gather/bare = {ratio_best:.3f} (best-of), {ratio_med:.3f} (median)  target >= 0.75  "
+          f"{'OK' if ratio_best >= 0.75 else 'BELOW TARGET'}")
+
+    if args.profile_top:
+        prof = cProfile.Profile()
+        prof.enable()
+        gather(model, saes, tokens, **kw)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile_top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
