@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         n_c = int(np.isfinite(P).sum())
         rows.append(
             (
-                f"exact W2 on sliced top-{args.candidates} (pruned)",
+                f"sliced top-{args.candidates} + exact W2 (pruned)",
                 f"{n_c} pairs, measured",
                 f"{t_p / n_c * 1e3:9.3f} ms",
                 _fmt_s(t_p),

@@ -194,7 +194,10 @@ def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor]) -> list[tor
     eye = torch.eye(outputs.numel(), dtype=outputs.dtype)
     try:
         gs = torch.autograd.grad(outputs, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-        return [torch.zeros((outputs.numel(), *x.shape)) if g is None else g for g, x in zip(gs, inputs)]
+        return [
+            torch.zeros((outputs.numel(), *x.shape)) if g is None else g
+            for g, x in zip(gs, inputs, strict=False)
+        ]
     except RuntimeError:  # vmap over the backward not supported by some op: loop
         rows = [
             torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True) for o in outputs.unbind(0)
@@ -221,12 +224,14 @@ def _edge_pass(
             grads = torch.autograd.grad(m.sum(), inputs, retain_graph=True, allow_unused=True)
             gmap = {
                 L: tuple(
-                    torch.zeros_like(store[L][k]) if grads[k * len(layers) + j] is None else grads[k * len(layers) + j]
+                    torch.zeros_like(store[L][k])
+                    if grads[k * len(layers) + j] is None
+                    else grads[k * len(layers) + j]
                     for k in (0, 1)
                 )
                 for j, L in enumerate(layers)
             }
-            for lu, ld in zip(layers[:-1], layers[1:]):
+            for lu, ld in zip(layers[:-1], layers[1:], strict=False):
                 up, down = kept[lu], kept[ld]
                 if len(up) == 0 or len(down) == 0:
                     continue
@@ -351,7 +356,7 @@ def _node_frame(stats: _NodeStats, layers: Sequence[int]) -> pd.DataFrame:
         )
     df = pd.concat(parts, ignore_index=True)
     df["abs_attribution"] = df["attribution"].abs()
-    df.insert(0, "node_id", [node_id(L, f) for L, f in zip(df["layer"], df["feature"])])
+    df.insert(0, "node_id", [node_id(L, f) for L, f in zip(df["layer"], df["feature"], strict=False)])
     df["layer"] = df["layer"].astype(int)
     df["feature"] = df["feature"].astype(int)
     return df
@@ -430,8 +435,10 @@ def attribution_graph(
     if edges:
         rows += _edge_pass(model, sl, tt, graph.kept(), batch_size, edge_chunk)
     last = nodes[nodes["layer"] == layers[-1]]
-    rows += [(nid, LOGIT_NODE, float(a)) for nid, a in zip(last["node_id"], last["attribution"])]
-    lay = dict(zip(nodes["node_id"], nodes["layer"]))
+    rows += [
+        (nid, LOGIT_NODE, float(a)) for nid, a in zip(last["node_id"], last["attribution"], strict=False)
+    ]
+    lay = dict(zip(nodes["node_id"], nodes["layer"], strict=False))
     lay[LOGIT_NODE] = max(layers) + 1
     e = pd.DataFrame(rows, columns=["src", "dst", "weight"])
     e["src_layer"] = e["src"].map(lay).astype(int)

@@ -166,7 +166,7 @@ def graph_to_json(
     )
     links = [
         {"source": ids[s], "target": ids[d], "weight": float(w)}
-        for s, d, w in zip(graph.edges["src"], graph.edges["dst"], graph.edges["weight"])
+        for s, d, w in zip(graph.edges["src"], graph.edges["dst"], graph.edges["weight"], strict=False)
         if s in ids and d in ids
     ]
     sn: list[list[str]] = []
@@ -210,7 +210,9 @@ def graph_to_json(
     }
 
 
-def export_graph_json(path: str | os.PathLike, graph: AttributionGraph, groups: Supernodes | None = None, **kwargs) -> Path:
+def export_graph_json(
+    path: str | os.PathLike, graph: AttributionGraph, groups: Supernodes | None = None, **kwargs
+) -> Path:
     """Write :func:`graph_to_json` to ``path`` atomically (validated first). Returns the path."""
     obj = graph_to_json(graph, groups, **kwargs)
     validate_graph_json(obj)
@@ -252,7 +254,9 @@ def validate_graph_json(obj: Any) -> None:
                 if f not in d:
                     problems.append(f"{sec}: missing required field {f!r}")
                 elif not _type_ok(d[f], types):
-                    problems.append(f"{sec}.{f}: expected {'/'.join(t.__name__ for t in types)}, got {type(d[f]).__name__}")
+                    problems.append(
+                        f"{sec}.{f}: expected {'/'.join(t.__name__ for t in types)}, got {type(d[f]).__name__}"
+                    )
     ids: set[str] = set()
     for key, spec in (("nodes", "node"), ("links", "link")):
         items = obj.get(key, [])
@@ -375,14 +379,14 @@ def plot_compressed_graph(
     pos = {}
     for s, r in tab.sort_values(["min_layer", "max_layer"]).iterrows():
         lo, hi = layer_rank[int(r["min_layer"])], layer_rank[int(r["max_layer"])]
-        for c, occ in enumerate(cols):
-            if all(hi < a or lo > b for a, b in occ):
-                occ.append((lo, hi))
-                break
+        free = [i for i, occ in enumerate(cols) if all(hi < a or lo > b for a, b in occ)]
+        if free:
+            col = free[0]
         else:
-            cols.append([(lo, hi)])
-            c = len(cols) - 1
-        pos[s] = (c, lo, hi)
+            cols.append([])
+            col = len(cols) - 1
+        cols[col].append((lo, hi))
+        pos[s] = (col, lo, hi)
     amax = max(float(tab["attribution"].abs().max()), 1e-12) if len(tab) else 1.0
     cmap = plt.get_cmap("coolwarm")
     for s, (c, lo, hi) in pos.items():
@@ -410,13 +414,22 @@ def plot_compressed_graph(
     top = len(graph.layers)
     n_cols = max(1, len(cols))
     logit_xy = ((n_cols - 1) / 2, top + 0.2)
-    ax.add_patch(FancyBboxPatch((logit_xy[0] - 0.5, top), 1.0, 0.4, boxstyle="round,pad=0.02", fc="0.85", ec="k", zorder=2))
+    ax.add_patch(
+        FancyBboxPatch(
+            (logit_xy[0] - 0.5, top), 1.0, 0.4, boxstyle="round,pad=0.02", fc="0.85", ec="k", zorder=2
+        )
+    )
     ax.text(*logit_xy, graph.metric_name, ha="center", va="center", fontsize=8, zorder=3)
     # supernode edges, kept at the layers of their member edges
-    lab = dict(zip(graph.nodes["node_id"], groups.labels))
+    lab = dict(zip(graph.nodes["node_id"], groups.labels, strict=False))
     agg: dict[tuple[int, int, int, int], float] = {}
     for s, d, w, ls, ld in zip(
-        graph.edges["src"], graph.edges["dst"], graph.edges["weight"], graph.edges["src_layer"], graph.edges["dst_layer"]
+        graph.edges["src"],
+        graph.edges["dst"],
+        graph.edges["weight"],
+        graph.edges["src_layer"],
+        graph.edges["dst_layer"],
+        strict=False,
     ):
         a, b = lab.get(s), (-1 if d == LOGIT_NODE else lab.get(d))
         if a is None or b is None or a == b or a not in pos or (b != -1 and b not in pos):

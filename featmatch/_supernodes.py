@@ -115,7 +115,9 @@ def node_distance(
             ib = np.flatnonzero(layers == lb)
             block = np.asarray(pair_distance(int(la), feats[ia], int(lb), feats[ib]), dtype=np.float64)
             if block.shape != (len(ia), len(ib)):
-                raise ValueError(f"pair_distance({la}, ., {lb}, .) returned {block.shape}, expected {(len(ia), len(ib))}")
+                raise ValueError(
+                    f"pair_distance({la}, ., {lb}, .) returned {block.shape}, expected {(len(ia), len(ib))}"
+                )
             D[np.ix_(ia, ib)] = block
             D[np.ix_(ib, ia)] = block.T
     D = 0.5 * (D + D.T)
@@ -323,7 +325,9 @@ def supernodes(
     for i in np.flatnonzero(~is_feat):
         labels[i] = len(names)
         names.append(f"L{int(graph.nodes['layer'].iloc[i])} error")
-    return Supernodes(labels=labels, names=names, method=name, meta={"n_clusters": int(n_clusters), "linkage": method})
+    return Supernodes(
+        labels=labels, names=names, method=name, meta={"n_clusters": int(n_clusters), "linkage": method}
+    )
 
 
 def _cut_by_merges(Z: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -346,7 +350,7 @@ def _cut_by_merges(Z: np.ndarray, n: int, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- scores
 def _node_set(graph: AttributionGraph, mask: np.ndarray) -> set[tuple[int, int]]:
     sub = graph.nodes[mask]
-    return set(zip(sub["layer"].astype(int), sub["feature"].astype(int)))
+    return set(zip(sub["layer"].astype(int), sub["feature"].astype(int), strict=False))
 
 
 @dataclass
@@ -369,7 +373,9 @@ def _context(model, saes, graph, means, reference_tokens, batch_size) -> _Ctx:
     if tuple(sl) != tuple(graph.layers):
         raise ValueError(f"SAE layers {tuple(sl)} differ from the graph's layers {graph.layers}")
     if means is None:
-        means = ablation_means(model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size)
+        means = ablation_means(
+            model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size
+        )
     m_full, acc_full = _clean_metrics(model, graph.task, batch_size)
     m0, a0 = _intervened_metrics(model, sl, graph.task, [_keep_masks(sl, set(), None)], means, batch_size)
     return _Ctx(model, sl, means, batch_size, m_full, acc_full, float(m0.mean()), float(a0.mean()))
@@ -445,9 +451,14 @@ def node_ablation_effects(
     graph node alone (one forward per node; compute once and pass to
     :func:`compression_scores` for every method). Indexed by ``node_id``."""
     ctx = _context(model, saes, graph, means, reference_tokens, batch_size)
-    specs = [_keep_masks(ctx.sl, None, {(int(L), int(f))}) for L, f in zip(graph.nodes["layer"], graph.nodes["feature"])]
+    specs = [
+        _keep_masks(ctx.sl, None, {(int(L), int(f))})
+        for L, f in zip(graph.nodes["layer"], graph.nodes["feature"], strict=False)
+    ]
     m, _ = ctx.run(graph, specs)
-    return pd.Series(float(ctx.m_full.mean()) - m.mean(1), index=graph.nodes["node_id"].to_numpy(), name="effect")
+    return pd.Series(
+        float(ctx.m_full.mean()) - m.mean(1), index=graph.nodes["node_id"].to_numpy(), name="effect"
+    )
 
 
 class _Judgement(Protocol):
@@ -500,7 +511,9 @@ def judge_agreement(
             label = int(judge.score(describe(li, fi), describe(lj, fj)).label)
             if label not in (1, 2, 3):
                 raise ValueError(f"judge returned label {label}; expected 1, 2 or 3")
-            rows.append({"supernode": k, "a": nodes["node_id"].iloc[i], "b": nodes["node_id"].iloc[j], "label": label})
+            rows.append(
+                {"supernode": k, "a": nodes["node_id"].iloc[i], "b": nodes["node_id"].iloc[j], "label": label}
+            )
     return pd.DataFrame(rows, columns=["supernode", "a", "b", "label"])
 
 
@@ -564,7 +577,9 @@ def compression_scores(
     if len(groups.labels) != graph.n_nodes:
         raise ValueError("supernode labels do not match the graph's nodes")
     if means is None:
-        means = ablation_means(model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size)
+        means = ablation_means(
+            model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size
+        )
     ctx = _context(model, saes, graph, means, None, batch_size)
     if node_effects is None:
         node_effects = node_ablation_effects(model, saes, graph, means=means, batch_size=batch_size)
@@ -661,12 +676,22 @@ def compare_methods(
         One summary row per method (index ``method``), and the tidy faithfulness curves with
         a ``method`` column.
     """
-    means = ablation_means(model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size)
+    means = ablation_means(
+        model, saes, graph.task if reference_tokens is None else reference_tokens, batch_size
+    )
     eff = node_ablation_effects(model, saes, graph, means=means, batch_size=batch_size)
     rows, curves = [], []
     for name, groups in methods.items():
         sc = compression_scores(
-            model, saes, graph, groups, means=means, node_effects=eff, judge=judge, describe=describe, batch_size=batch_size
+            model,
+            saes,
+            graph,
+            groups,
+            means=means,
+            node_effects=eff,
+            judge=judge,
+            describe=describe,
+            batch_size=batch_size,
         )
         rows.append({**sc.summary, "method": name})
         curves.append(sc.curve.assign(method=name))

@@ -263,10 +263,12 @@ def tokenize_task(model, task: TaskPrompts | TaskTokens, move_whitespace: bool =
         raise ValueError("the model has no tokenizer; build a TaskTokens from token ids instead")
     toks, ans, cfs = [], [], []
     prompts = list(task.prompts)
-    for i, (p, a) in enumerate(zip(task.prompts, task.answers)):
+    for i, (p, a) in enumerate(zip(task.prompts, task.answers, strict=False)):
         p_ids = _encode(model, p, bos=True)
         a_ids = _continuation(model, p, p_ids, a)
-        c_ids = None if task.counterfactuals is None else _continuation(model, p, p_ids, task.counterfactuals[i])
+        c_ids = (
+            None if task.counterfactuals is None else _continuation(model, p, p_ids, task.counterfactuals[i])
+        )
         # leading whitespace-only answer tokens (SmolLM2's " " before a digit) are moved into
         # the prompt, so the metric reads the first informative token
         while move_whitespace and len(a_ids) > 1 and model.tokenizer.decode([a_ids[0]]).strip() == "":
@@ -304,7 +306,10 @@ def answer_accuracy(model, task: TaskPrompts | TaskTokens, batch_size: int = 32)
         (answer logit minus the best other logit at the first answer position).
     """
     tt = tokenize_task(model, task)
-    full = [torch.cat([t, torch.tensor(a[:-1], dtype=torch.long)]) for t, a in zip(tt.tokens, tt.answer_ids)]
+    full = [
+        torch.cat([t, torch.tensor(a[:-1], dtype=torch.long)])
+        for t, a in zip(tt.tokens, tt.answer_ids, strict=False)
+    ]
     lengths = np.array([f.numel() for f in full])
     rows: list[dict] = [{} for _ in range(len(tt))]
     tok = getattr(model, "tokenizer", None)

@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--device", default="cpu", help="torch device for loading (default cpu)")
     m.add_argument(
-        "--out", required=True, metavar="FILE", help="metadata JSON path; arrays go to FILE with suffix .npz"
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="metadata JSON path; the arrays go to a sibling <stem>.<sha256 prefix>.npz",
     )
     m.set_defaults(func=_cmd_match)
 

@@ -16,7 +16,9 @@ LAYERS = (0, 1, 2)
 
 
 def _saes(layers=LAYERS, d_in=16, d_sae=32, kind=standard_sae):
-    return {L: kind(d_in=d_in, d_sae=d_sae, seed=10 + L, hook_name=f"blocks.{L}.hook_resid_post") for L in layers}
+    return {
+        L: kind(d_in=d_in, d_sae=d_sae, seed=10 + L, hook_name=f"blocks.{L}.hook_resid_post") for L in layers
+    }
 
 
 def _correct_task(model, n_seq=8, seq_len=8, seed=0, counterfactual=True) -> C.TaskTokens:
@@ -131,7 +133,7 @@ def test_graph_tables(setup):
     assert g.metric == pytest.approx(np.mean(g.meta["metric_per_prompt"]))
     assert g.metric_name == "logit_diff"
     # edges only between consecutive chosen layers, or from the last layer to the metric
-    pairs = set(zip(g.edges.src_layer, g.edges.dst_layer))
+    pairs = set(zip(g.edges.src_layer, g.edges.dst_layer, strict=False))
     assert pairs <= {(0, 1), (1, 2), (2, 3)}
     last = g.edges[g.edges.dst == C.LOGIT_NODE]
     assert np.allclose(
@@ -247,7 +249,10 @@ def test_digit_prompts_tokenise_and_report_per_format():
     # a whitespace token leading the answer moves into the prompt (metric reads the digit)
     own = C.tokenize_task(model, C.TaskPrompts(["1 plus 2 is"], [" 3"], counterfactuals=[" 4"]))
     assert own.prompts == ["1 plus 2 is "] and len(own.answer_ids[0]) == 1
-    assert model.tokenizer.decode(own.answer_ids[0]) == "3" and model.tokenizer.decode([own.counterfactual_ids[0]]) == "4"
+    assert (
+        model.tokenizer.decode(own.answer_ids[0]) == "3"
+        and model.tokenizer.decode([own.counterfactual_ids[0]]) == "4"
+    )
     with pytest.raises(ValueError, match="tokenizer"):
         C.digit_addition_prompts(formats=["chat_question"])
 
@@ -263,7 +268,9 @@ def test_never_correct_prompt_set_gives_clear_message():
     # mixed set: exactly the planted-correct prompts survive
     good = _correct_task(model, n_seq=6)
     mixed = C.TaskTokens(
-        tokens=list(toks) + good.tokens, answer_ids=worst.tolist() + good.answer_ids, formats=["bad"] * 6 + ["good"] * 6
+        tokens=list(toks) + good.tokens,
+        answer_ids=worst.tolist() + good.answer_ids,
+        formats=["bad"] * 6 + ["good"] * 6,
     )
     kept, res = C.keep_correct(model, mixed)
     assert len(kept) == 6 and set(kept.formats) == {"good"}

@@ -232,10 +232,6 @@ def test_save_load_roundtrip(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def _rows(d: FeatureDistributions, rows: slice) -> FeatureDistributions:
-    return d.subset(np.arange(len(d))[rows])
-
-
 @pytest.mark.parametrize("scale", [1e-3, 0.37, 25.0, 1e4])
 def test_rescaling_invariance(scale):
     ref = random_space()
@@ -247,11 +243,15 @@ def test_rescaling_invariance(scale):
     np.testing.assert_array_equal(d.positions, d2.positions)
     # activations are float32 (as ActivationStats stores them): rescaling rounds them at 6e-8
     np.testing.assert_allclose(d2.weights, d.weights, rtol=1e-6, atol=1e-12)
-    for method, p in [("exact", 1), ("exact", 2), ("sliced", 1), ("sliced", 2), ("sinkhorn", 2)]:
-        rows = slice(None) if method != "sinkhorn" else slice(1, 3)  # Sinkhorn is slow: rows 1-2 only
-        D = distance_matrix(_rows(d, rows), d, method, p=p, progress=False)
-        D2 = distance_matrix(_rows(d2, rows), d2, method, p=p, progress=False)
+    for method, p in [("exact", 1), ("exact", 2), ("sliced", 1), ("sliced", 2)]:
+        D = distance_matrix(d, d, method, p=p, progress=False)
+        D2 = distance_matrix(d2, d2, method, p=p, progress=False)
         np.testing.assert_allclose(D2, D, rtol=1e-5, atol=1e-7, err_msg=f"{method} p={p}")
+    if scale == 25.0:  # Sinkhorn is slow: one scale, the rescaled feature against the others
+        pairs = np.array([[2, 0], [2, 1], [2, 3]])
+        np.testing.assert_allclose(
+            pair_distances(d2, d2, pairs, "sinkhorn"), pair_distances(d, d, pairs, "sinkhorn"), rtol=1e-5
+        )
 
 
 def test_rescaling_invariance_exact_in_float64():
@@ -408,14 +408,14 @@ def test_sliced_quantile_embedding_is_a_euclidean_embedding():
 @pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 def test_tiny_reg_entropic_plan_matches_scipy_assignment(rng):
     """ott-jax style oracle: Sinkhorn at small epsilon = Hungarian permutation."""
-    n = 10
+    n = 8
     ref = ReferenceSpace(rng.normal(size=(2 * SEQ_LEN, 3)).astype(np.float32), SEQ_LEN, "o")
     non_bos = np.flatnonzero(np.arange(2 * SEQ_LEN) % SEQ_LEN != 0)
     pa, pb = non_bos[:n][None], non_bos[n : 2 * n][None]
     ones = np.ones((1, n), np.float32)
     a = FeatureDistributions.from_samples(pa, ones, ref)
     b = FeatureDistributions.from_samples(pb, ones, ref)
-    plan, ia, ib = transport_plan(a, 0, b, 0, "sinkhorn", reg=REG_TINY, num_iter_max=5000)
+    plan, ia, ib = transport_plan(a, 0, b, 0, "sinkhorn", reg=REG_TINY, num_iter_max=3000)
     # rows/cols of the plan follow the (shuffled) sample order; map them back to positions
     pos_a, pos_b = a.positions[0][ia], b.positions[0][ib]
     M = ot.dist(ref.coords[pos_a].astype(np.float64), ref.coords[pos_b].astype(np.float64))
@@ -423,7 +423,7 @@ def test_tiny_reg_entropic_plan_matches_scipy_assignment(rng):
     np.testing.assert_array_equal(plan.argmax(1)[rows], cols)
     np.testing.assert_allclose(plan * n, np.eye(n)[cols], atol=0.05)
     exact = distance_matrix(a, b, "exact", progress=False)[0, 0]
-    entropic = distance_matrix(a, b, "sinkhorn", reg=REG_TINY, num_iter_max=5000, progress=False)[0, 0]
+    entropic = distance_matrix(a, b, "sinkhorn", reg=REG_TINY, num_iter_max=3000, progress=False)[0, 0]
     assert entropic == pytest.approx(exact, rel=1e-3)
 
 
@@ -447,19 +447,13 @@ def test_point_mass_ot_matching_equals_scipy_assignment(rng):
 
 def test_sliced_and_entropic_track_exact_on_clustered_data():
     a, b = clustered_pair()
-    rep = approximation_report(
-        a,
-        b,
-        [("sliced", {"n_projections": 256}), ("sinkhorn", {"reg": 0.05})],
-        n_pairs=250,
-        n_rows=4,
-        recall_at=5,
-    )
-    assert list(rep["method"]) == ["sliced", "sinkhorn"]
-    sliced, sink = rep.iloc[0], rep.iloc[1]
+    rep = approximation_report(a, b, [("sliced", {"n_projections": 256})], n_pairs=200, n_rows=3, recall_at=5)
+    sliced = rep.iloc[0]
+    assert sliced["method"] == "sliced" and sliced["n_pairs"] == 200
     assert sliced["spearman"] >= 0.95, rep.to_string()
-    assert sink["spearman"] >= 0.99 and sink["rel_error_mean"] < 0.05, rep.to_string()
-    assert sliced["scaled_rel_error_mean"] < 0.15 and sliced["recall_at_c"] >= 0.75, rep.to_string()
+    assert sliced["scaled_rel_error_mean"] < 0.15 and sliced["recall_at_c"] >= 2 / 3, rep.to_string()
+    sink = approximation_report(a, b, [("sinkhorn", {"reg": 0.05})], n_pairs=50).iloc[0]
+    assert sink["spearman"] >= 0.99 and sink["rel_error_mean"] < 0.05, sink
     assert sliced["scale"] == pytest.approx(np.sqrt(a.k), rel=0.5)  # SW2 ~ W2 / sqrt(k)
 
 
