@@ -149,20 +149,21 @@ def quantile_embedding(
     """
     F, N, k = coords.shape
     L = directions.shape[0]
-    theta = torch.as_tensor(np.ascontiguousarray(directions.T), dtype=torch.float32)  # (k, L)
+    theta = np.ascontiguousarray(directions.T, dtype=np.float32)  # (k, L)
     levels = torch.as_tensor((np.arange(n_quantiles) + 0.5) / n_quantiles, dtype=torch.float64)
     out = torch.empty((F, L, n_quantiles), dtype=torch.float32)
     for start in range(0, F, chunk):
         stop = min(F, start + chunk)
-        x = torch.as_tensor(coords[start:stop], dtype=torch.float32)  # (f, N, k)
-        w = torch.as_tensor(weights[start:stop], dtype=torch.float64)  # (f, N)
-        proj = torch.matmul(x, theta).transpose(1, 2)  # (f, L, N)
-        vals, order = torch.sort(proj, dim=-1)
-        ws = w.unsqueeze(1).expand(-1, L, -1).gather(-1, order)
-        cdf = torch.cumsum(ws, dim=-1)
-        cdf = cdf / cdf[..., -1:]  # exact total mass 1 per row
-        u = levels.expand(stop - start, L, n_quantiles).contiguous()
-        idx = torch.searchsorted(cdf.contiguous(), u, side="left").clamp_(max=N - 1)
+        f = stop - start
+        # (f, L, N) contiguous; numpy's introsort on short rows is ~5x faster than torch.sort
+        proj = np.ascontiguousarray(np.matmul(coords[start:stop], theta).transpose(0, 2, 1))
+        order = np.argsort(proj, axis=-1)
+        vals = torch.from_numpy(np.take_along_axis(proj, order, -1))
+        w = np.asarray(weights[start:stop], dtype=np.float64)
+        cdf = np.cumsum(np.take_along_axis(np.broadcast_to(w[:, None, :], (f, L, N)), order, -1), axis=-1)
+        cdf /= cdf[..., -1:]  # exact total mass 1 per row
+        u = levels.expand(f, L, n_quantiles).contiguous()
+        idx = torch.searchsorted(torch.from_numpy(cdf), u, side="left").clamp_(max=N - 1)
         out[start:stop] = vals.gather(-1, idx)
     return out
 

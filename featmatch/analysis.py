@@ -70,7 +70,9 @@ __all__ = [
     "sample_features",
     "judge_matched_pairs",
     "persistence_pairs",
+    "persistence_matchings",
     "persistence_table",
+    "label_table",
     "persistence_length",
     "chain",
     "path_table",
@@ -752,29 +754,24 @@ def chain(adjacent: Mapping[Pair, Matching], start: int, target: int) -> list[Ma
     return out
 
 
-def persistence_table(
+def persistence_matchings(
     saes: Mapping[int, Any],
-    stats: ActivationStats,
     pairs: Sequence[Pair],
     adjacent: Mapping[Pair, Matching],
     *,
     match_kwargs: Mapping[str, Any] | None = None,
     random_seed: int | None = 0,
-    min_fires: int = 1,
-) -> pd.DataFrame:
-    r"""Exact against composed matches from start layers to later layers (Fig. 8, Hypothesis 3).
+) -> dict[str, dict[Pair, Matching]]:
+    r"""Exact, composed and random matchings from start layers to later layers (Fig. 8).
 
     For each ``(s, t)`` in ``pairs``: *exact* is SAE Match between ``s`` and ``t`` directly;
     *composed* is :math:`P^{(t-1\to t)}\cdots P^{(s\to s+1)}` built from ``adjacent``
-    (:func:`featmatch.matching.compose`); *random* (if ``random_seed`` is not None) is a
-    seeded random permutation, the chance level. Each is scored by the mean matching score
-    and correlation on ``stats``.
+    (:func:`featmatch.matching.compose`); *random* (unless ``random_seed`` is None) is a
+    seeded random permutation, the chance level.
 
     Parameters
     ----------
     saes : mapping int -> SAE
-    stats : ActivationStats
-        With pair statistics for every ``(s, t)`` in ``pairs``.
     pairs : sequence of (int, int)
         From :func:`persistence_pairs`.
     adjacent : mapping pair -> Matching
@@ -785,42 +782,92 @@ def persistence_table(
 
     Returns
     -------
-    pandas.DataFrame
-        ``start``, ``target``, ``distance``, ``method`` (exact / composed / random),
-        ``matching_score``, ``correlation``, ``agreement`` (fraction of features the
-        composed and exact matchings send to the same feature; on every row of the pair).
+    dict
+        ``out[method][(s, t)]``, methods ``"exact"``, ``"composed"`` and ``"random"``.
     """
     from featmatch.matching import Matching, compose, match
-    from featmatch.metrics import activation_correlation, matching_score
 
     kw = dict(MATCH_VARIANTS["folded"] if match_kwargs is None else match_kwargs)
-    rows = []
+    out: dict[str, dict[Pair, Matching]] = {"exact": {}, "composed": {}}
+    if random_seed is not None:
+        out["random"] = {}
     for s, t in pairs:
         steps = chain(adjacent, s, t)
         composed = steps[0]
         for m in steps[1:]:
             composed = compose(composed, m)
         exact = match(saes[s], saes[t], **kw)
-        methods: dict[str, Matching] = {"exact": exact, "composed": composed}
+        out["exact"][(s, t)] = exact
+        out["composed"][(s, t)] = composed
         if random_seed is not None:
             rng = np.random.default_rng([int(random_seed), int(s), int(t)])
             n_a, n_b = exact.n_a, exact.n_b
             perm = rng.permutation(n_b)[:n_a] if n_b >= n_a else np.concatenate([rng.permutation(n_b), -np.ones(n_a - n_b, int)])
-            methods["random"] = Matching(perm=perm, cost=np.zeros(n_a), n_b=n_b, meta={"method": "random"})
-        agree = 1.0 - permutation_change(exact, composed)
-        for name, m in methods.items():
+            out["random"][(s, t)] = Matching(perm=perm, cost=np.zeros(n_a), n_b=n_b, meta={"method": "random"})
+    return out
+
+
+def persistence_table(
+    stats: ActivationStats, matchings: Mapping[str, Mapping[Pair, Matching]], *, min_fires: int = 1
+) -> pd.DataFrame:
+    """Score the matchings of :func:`persistence_matchings` (Fig. 8, Hypothesis 3).
+
+    Parameters
+    ----------
+    stats : ActivationStats
+        With pair statistics for every ``(s, t)``.
+    matchings : mapping method -> mapping pair -> Matching
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``start``, ``target``, ``distance``, ``method``, ``matching_score``,
+        ``correlation``, ``agreement`` (fraction of features that the composed and exact
+        matchings send to the same feature; the same on every row of a pair, NaN without
+        both).
+    """
+    from featmatch.metrics import activation_correlation, matching_score
+
+    rows = []
+    for method, by_pair in matchings.items():
+        for (s, t), m in sorted(by_pair.items()):
+            agree = math.nan
+            if "exact" in matchings and "composed" in matchings:
+                agree = 1.0 - permutation_change(matchings["exact"][(s, t)], matchings["composed"][(s, t)])
             rows.append(
                 {
                     "start": int(s),
                     "target": int(t),
                     "distance": int(t - s),
-                    "method": name,
+                    "method": method,
                     "matching_score": matching_score(stats, s, t, m, min_fires=min_fires).mean,
                     "correlation": activation_correlation(stats, s, t, m).mean,
                     "agreement": agree,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def label_table(judged: pd.DataFrame) -> pd.DataFrame:
+    """Mean judge label per (start, target, matching method) of a persistence judgement.
+
+    Parameters
+    ----------
+    judged : pandas.DataFrame
+        From :func:`judge_matched_pairs` on :func:`persistence_matchings`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``start``, ``target``, ``distance``, ``method``, ``mean_label``, ``n_scored``
+        (valid labels; malformed replies are not labels).
+    """
+    d = judged.dropna(subset=["label"]).assign(label=lambda x: x["label"].astype(float))
+    g = d.groupby(["layer_a", "layer_b", "matching"])["label"]
+    out = pd.DataFrame({"mean_label": g.mean(), "n_scored": g.size()}).reset_index()
+    out = out.rename(columns={"layer_a": "start", "layer_b": "target", "matching": "method"})
+    out.insert(2, "distance", out["target"] - out["start"])
+    return out
 
 
 def persistence_length(
@@ -1467,11 +1514,18 @@ def plot_by_layer(
     return ax
 
 
-def plot_threshold_norm(ax: Axes, table: pd.DataFrame, title: str = "θ and hidden-state norm per layer") -> tuple[Axes, Axes]:
-    """Mean θ (left axis) and mean hidden-state norm (right axis) per layer (Fig. 1 left)."""
-    ax.plot(table["layer"], table["theta_mean"], marker="o", ms=3, color="C0", label="mean θ")
+def plot_threshold_norm(
+    ax: Axes,
+    table: pd.DataFrame,
+    title: str = "θ and hidden-state norm per layer",
+    *,
+    left: str = "theta_mean",
+    left_label: str = "mean threshold θ",
+) -> tuple[Axes, Axes]:
+    """Mean θ (or another ``left`` column; left axis) and mean hidden-state norm (right axis) per layer (Fig. 1)."""
+    ax.plot(table["layer"], table[left], marker="o", ms=3, color="C0", label=left_label)
     ax.set_xlabel("layer")
-    ax.set_ylabel("mean threshold θ", color="C0")
+    ax.set_ylabel(left_label, color="C0")
     ax2 = ax.twinx()
     ax2.plot(table["layer"], table["resid_norm_mean"], marker="s", ms=3, color="C1", label="mean ‖h‖")
     ax2.set_ylabel("mean hidden-state norm ‖h‖", color="C1")

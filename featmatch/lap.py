@@ -266,20 +266,43 @@ def _chunking(m: int, k: int) -> tuple[int, int]:
     return c, n_chunks
 
 
-def _candidate_pass(
-    ra: _Side, sb: _Side, metric: str, k: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k columns per row, their float64 costs, and a lower bound on every other column.
+def _column_potential(ra: _Side, cb: _Side, metric: str) -> torch.Tensor:
+    """The column potential :math:`h` that candidates are ranked by (:math:`C_{ij} - h_j`).
 
-    Selection key (float32, row-constant terms dropped): ``|b_j|^2 - 2 G_ij`` for mse,
-    ``-G_ij / |b_j|`` for cosine. Two-level selection: the minimum of each chunk of c
-    columns, the k chunks with the smallest minima, then the top k inside those chunks
-    (exactly the row's k smallest keys: any column outside those chunks is >= the k chunk
-    minima). The lower bound is the k-th smallest key minus its float32 rounding error.
+    For a square mse problem every full assignment uses every column once, so
+    :math:`\sum_i (\|a_i\|^2 + \|b_{\pi(i)}\|^2)/D` is the same for all of them and the LAP
+    only maximises :math:`\sum_i a_i\cdot b_{\pi(i)}` (the paper's remark under Eq. 3).
+    Ranking by :math:`C_{ij} - \|b_j\|^2/D` (i.e. by the inner product) then picks
+    candidates the way the optimum does; ranking by :math:`C_{ij}` would fill the
+    candidate lists of features without a partner with the smallest-norm columns, all
+    taken. For rectangular problems the column norms matter and :math:`h = 0`; cosine
+    costs carry no norm and :math:`h = 0` too.
+    """
+    if metric == "mse" and ra.n == cb.n:
+        return cb.sq / ra.dim
+    return torch.zeros(cb.n, dtype=torch.float64)
+
+
+def _candidate_pass(
+    ra: _Side, sb: _Side, metric: str, k: int, block_size: int, square_mse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best k columns per row by :math:`C_{ij} - h_j`, their float64 costs, and a lower bound.
+
+    Score maximised (float32): ``G_ij`` for square mse (:math:`h_j = |b_j|^2/D`, so
+    :math:`C_{ij} - h_j = (|a_i|^2 - 2G_{ij})/D` exactly), ``2 G_ij - |b_j|^2`` for
+    rectangular mse (:math:`h = 0`), ``G_ij / |b_j|`` for cosine (:math:`h = 0`). ``G`` is
+    the float32 product ``A_blk @ B^T`` with pairwise_cost's layout, the same numbers the
+    costs are made from. Two-level selection: the maximum of each chunk of c columns, the
+    k chunks with the largest maxima, then the top k inside them (exactly the row's k
+    best scores: any column outside those chunks is <= the k chunk maxima).
 
     Returns
     -------
-    cols : (n, k) int64, costs : (n, k) float64, lower : (n,) float64 (cost units)
+    cols : (n, k) int64
+    costs : (n, k) float64
+    lower : (n,) float64
+        :math:`\ell_i \le C_{ij} - h_j` for every column j not in ``cols[i]`` (includes the
+        float32 rounding of the score where the score is not G itself).
     """
     n, m, dim = ra.n, sb.n, ra.dim
     dev = ra.device
@@ -290,56 +313,65 @@ def _candidate_pass(
     bt = sb.cols_t()
     if metric == "mse":
         scale_b = sb.sq.to(dev, torch.float32)
-        alpha = -2.0
     else:
         rb = sb.norm
         inv = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
         scale_b = inv.to(dev, torch.float32)
     bs = max(1, min(block_size, n))
+    direct = square_mse and m_pad == m  # select on G itself: no score pass at all
     gbuf = torch.empty(bs, m, device=dev, dtype=torch.float32)
-    kbuf = torch.full((bs, m_pad), float("inf"), device=dev, dtype=torch.float32)
+    sbuf = None if direct else torch.full((bs, m_pad), -float("inf"), device=dev, dtype=torch.float32)
     offs = torch.arange(c, device=dev)
     cols_out = torch.empty(n, k, dtype=torch.int64)
     g_out = torch.empty(n, k, dtype=torch.float32)
-    key_k = torch.empty(n, dtype=torch.float64)
+    score_k = torch.empty(n, dtype=torch.float64)
     for i0 in range(0, n, bs):
         i1 = min(i0 + bs, n)
         r = i1 - i0
         g = gbuf[:r]
         torch.mm(a_rows[i0:i1], bt, out=g)
-        key = kbuf[:r]
-        if metric == "mse":
-            torch.add(scale_b, g, alpha=alpha, out=key[:, :m])
+        if direct:
+            score = g
         else:
-            torch.mul(g, scale_b, out=key[:, :m]).neg_()
+            score = sbuf[:r]
+            if square_mse:
+                score[:, :m].copy_(g)
+            elif metric == "mse":
+                torch.sub(g, scale_b, alpha=0.5, out=score[:, :m])  # (2G - |b|^2) / 2
+            else:
+                torch.mul(g, scale_b, out=score[:, :m])
         if n_chunks > k:
-            cmin = key.view(r, n_chunks, c).amin(2)
-            chunk_idx = torch.topk(cmin, k, dim=1, largest=False, sorted=False).indices
+            cmax = score.view(r, n_chunks, c).amax(2)
+            chunk_idx = torch.topk(cmax, k, dim=1, largest=True, sorted=False).indices
             pool = (chunk_idx[:, :, None] * c + offs).reshape(r, k * c)
-            vals = key.gather(1, pool)
-            top = torch.topk(vals, k, dim=1, largest=False, sorted=False)
+            vals = score.gather(1, pool)
+            top = torch.topk(vals, k, dim=1, largest=True, sorted=False)
             cols = pool.gather(1, top.indices)
             kv = top.values
         else:
-            top = torch.topk(key[:, :m], k, dim=1, largest=False, sorted=False)
+            top = torch.topk(score[:, :m], k, dim=1, largest=True, sorted=False)
             cols, kv = top.indices, top.values
         cols_out[i0:i1] = cols.cpu()
         g_out[i0:i1] = g.gather(1, cols).cpu()
-        key_k[i0:i1] = kv.amax(1).double().cpu()
-    del gbuf, kbuf
+        score_k[i0:i1] = kv.amin(1).double().cpu()
+    del gbuf, sbuf
     costs = _costs_from_g(g_out, ra.sq[:, None], sb.sq[cols_out], metric, dim)
     if k >= m:
         lower = torch.full((n,), math.inf, dtype=torch.float64)
+    elif square_mse:
+        # C_ij - |b_j|^2/D = (|a_i|^2 - 2 G_ij)/D >= (|a_i|^2 - 2 g_(k))/D, up to float64 rounding
+        bmax2 = float(sb.sq.max())
+        lower = (ra.sq - 2.0 * score_k) / dim - 1e-12 * (ra.sq + bmax2) / dim
     elif metric == "mse":
-        # key = fl(fl(|b|^2) - 2 G): error <= u(|b|^2) + u(|b|^2 + 2|G|) <= u(2 max|b|^2 + 2|a| max|b|) (+ f64 eps)
+        # score = fl(G - fl(|b|^2/2)): error <= u |b|^2/2 + u(|G| + |b|^2/2) <= u(max|b|^2 + |a| max|b|)
         bmax = float(sb.norm.max())
-        slack = _U32 * (2 * bmax**2 + 2 * ra.norm * bmax) * (1 + 1e-3) + 1e-12 * (ra.sq + bmax**2)
-        lower = ((ra.sq + key_k - slack) / dim).clamp_(min=0.0)
+        slack = _U32 * (bmax**2 + ra.norm * bmax) * (1 + 1e-3) + 1e-12 * (ra.sq + bmax**2)
+        lower = ((ra.sq - 2.0 * (score_k + slack)) / dim).clamp_(min=0.0)
     else:
-        # key = -fl(fl(G) * fl(1/|b|)): |G/|b|| <= |a|; relative error <= 3u; plus float64 noise
+        # score = fl(G * fl(1/|b|)): |G/|b|| <= |a|, relative error <= 3u; plus float64 noise
         slack = 4 * _U32 * ra.norm + 1e-12
         ra_safe = torch.where(ra.norm > 0, ra.norm, torch.ones_like(ra.norm))
-        lower = torch.where(ra.norm > 0, 1.0 + (key_k - slack) / ra_safe, torch.ones_like(ra.norm))
+        lower = torch.where(ra.norm > 0, 1.0 - (score_k + slack) / ra_safe, torch.ones_like(ra.norm))
         lower = lower.clamp_(0.0, 2.0)
     return cols_out, costs, lower
 
@@ -401,6 +433,7 @@ def _duals(
     n_cols: int,
     dummy_cost: float,
     eps: float,
+    h: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Largest feasible column duals :math:`v \\le 0` and row duals :math:`u`, by Bellman-Ford.
 
@@ -431,6 +464,7 @@ def _duals(
     dst_t = torch.from_numpy(cols[keep])
     w_t = torch.from_numpy(cost[keep] - match_cost[rows[keep]])
     v = torch.zeros(n_cols, dtype=torch.float64)
+    v[: h.size] = torch.from_numpy(h - h.max()) if h.size else 0.0
     active = torch.ones(n_cols, dtype=torch.bool)
     sweeps = 0
     while True:
@@ -604,7 +638,10 @@ def _sparse_match_sides(
 
     # ---- phase 1: one blocked pass ------------------------------------------------
     t = time.perf_counter()
-    cols, costs, lower = _candidate_pass(ra, cb, metric, info.k, bs)
+    square_mse = metric == "mse" and n == m
+    h = _column_potential(ra, cb, metric)
+    h_np = h.numpy()
+    cols, costs, lower = _candidate_pass(ra, cb, metric, info.k, bs, square_mse)
     kk = cols.shape[1]
     e_row = np.repeat(np.arange(n, dtype=np.int64), kk)
     e_col = cols.numpy().reshape(-1).astype(np.int64)
@@ -640,7 +677,7 @@ def _sparse_match_sides(
         pos = np.searchsorted(key_e, key_m)
         match_cost[on_real] = e_cost[pos]
         try:
-            u, v, _ = _duals(e_row, e_col, e_cost, match_col, match_cost, n, m + n, big, eps_dual)
+            u, v, _ = _duals(e_row, e_col, e_cost, match_col, match_cost, n, m + n, big, eps_dual, h_np)
         except RuntimeError:
             times["duals"] += time.perf_counter() - t
             break
@@ -654,7 +691,7 @@ def _sparse_match_sides(
             break
         # ---- phase 4: certificate --------------------------------------------------------
         t = time.perf_counter()
-        v_max = float(v[:m].max())
+        v_max = float((v[:m] - h_np).max())
         suspect = np.flatnonzero(lower_np - u < v_max - tau)
         times["certificate"] += time.perf_counter() - t
         info.rows_rechecked.append(int(suspect.size))
@@ -696,7 +733,7 @@ def _sparse_match_sides(
             lb_masked = lb_full.clone()
             lb_masked[loc_r_t, loc_c_t] = math.inf
             lb_masked.scatter_(1, sel, math.inf)
-            lower_np[rows_np] = lb_masked.amin(1).numpy()
+            lower_np[rows_np] = (lb_masked - h[None, :]).amin(1).numpy()
         info.violations.append(n_viol)
         if new_r:
             e_row = np.concatenate([e_row, *new_r])

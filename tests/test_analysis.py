@@ -239,13 +239,18 @@ def test_persistence_of_planted_chain(chain, stats):
     saes, perms = chain
     adjacent = A.pair_matchings(saes, A.adjacent_pairs(saes), ["folded"])["folded"]
     pairs = A.persistence_pairs([0, 1], range(N_LAYERS))
-    t = A.persistence_table(saes, stats, pairs, adjacent)
+    ms = A.persistence_matchings(saes, pairs, adjacent)
+    assert set(ms) == {"exact", "composed", "random"}
+    t = A.persistence_table(stats, ms)
     assert len(t) == 3 * len(pairs)
     assert set(t["method"]) == {"exact", "composed", "random"}
     # a planted chain: composing the adjacent matches gives exactly the direct match
     assert (t["agreement"] == 1.0).all()
     p = t.pivot_table(index=["start", "target"], columns="method", values="matching_score")
     np.testing.assert_allclose(p["exact"], p["composed"])
+    j = A.judge_matched_pairs(FakeJudge(), FakeSource(), stats, {k: ms[k] for k in ("exact", "composed")}, 4, min_fires=1)
+    lt = A.label_table(j)
+    assert set(lt["method"]) == {"exact", "composed"} and (lt["distance"] == lt["target"] - lt["start"]).all()
     steps = A.chain(adjacent, 0, 3)
     assert len(steps) == 3
     with pytest.raises(KeyError):

@@ -332,7 +332,7 @@ def test_perturbing_hidden_states_with_fixed_pca_is_also_bounded(rng):
 
 
 @pytest.mark.parametrize("method", ["exact", "sinkhorn", "sliced"])
-def test_planted_pairs_are_recovered(method):
+def test_planted_pairs_are_recovered(method, tmp_path):
     a, b, perm = planted_pair(n_concepts=8, N=16, seed=3)
     D = distance_matrix(a, b, method, progress=False)
     # the margin condition holds: each planted pair beats every other pair in its row/column
@@ -346,6 +346,9 @@ def test_planted_pairs_are_recovered(method):
     top = semantic_match(a, b, mode="topk", k=3, distances=D)
     np.testing.assert_array_equal(top.perm, perm)
     assert np.array(top.meta["topk_ids"]).shape == (len(perm), 3)
+    again = Matching.load(top.save(tmp_path / "top.json"))  # meta is JSON-serialisable
+    np.testing.assert_array_equal(again.perm, perm)
+    assert again.meta["topk_ids"] == top.meta["topk_ids"]
     pruned = semantic_match(a, b, method=method, candidates=2, progress=False)
     np.testing.assert_array_equal(pruned.perm, perm)
     assert pruned.meta["method"] == f"semantic_ot:{method}"
@@ -409,7 +412,13 @@ def test_sliced_quantile_embedding_is_a_euclidean_embedding():
 def test_tiny_reg_entropic_plan_matches_scipy_assignment(rng):
     """ott-jax style oracle: Sinkhorn at small epsilon = Hungarian permutation."""
     n = 8
-    ref = ReferenceSpace(rng.normal(size=(2 * SEQ_LEN, 3)).astype(np.float32), SEQ_LEN, "o")
+    # B's points are A's, shuffled and jittered: the assignment optimum is unique with a gap
+    # (on fully random clouds near-ties make any small-epsilon plan legitimately fractional)
+    x = rng.normal(size=(n, 3))
+    coords = np.zeros((2 * SEQ_LEN, 3))
+    coords[1 : n + 1] = x
+    coords[n + 1 : 2 * n + 1] = x[rng.permutation(n)] + 0.2 * rng.normal(size=(n, 3))
+    ref = ReferenceSpace(coords.astype(np.float32), SEQ_LEN, "o")
     non_bos = np.flatnonzero(np.arange(2 * SEQ_LEN) % SEQ_LEN != 0)
     pa, pb = non_bos[:n][None], non_bos[n : 2 * n][None]
     ones = np.ones((1, n), np.float32)
