@@ -266,43 +266,73 @@ def _chunking(m: int, k: int) -> tuple[int, int]:
     return c, n_chunks
 
 
-def _column_potential(ra: _Side, cb: _Side, metric: str) -> torch.Tensor:
-    """The column potential :math:`h` that candidates are ranked by (:math:`C_{ij} - h_j`).
+@dataclass
+class _RowBounds:
+    """Lower bounds on the excluded costs: :math:`C_{ij} \ge A_i + \alpha_j - \sigma_i\beta_j`.
 
-    For a square mse problem every full assignment uses every column once, so
-    :math:`\sum_i (\|a_i\|^2 + \|b_{\pi(i)}\|^2)/D` is the same for all of them and the LAP
-    only maximises :math:`\sum_i a_i\cdot b_{\pi(i)}` (the paper's remark under Eq. 3).
-    Ranking by :math:`C_{ij} - \|b_j\|^2/D` (i.e. by the inner product) then picks
-    candidates the way the optimum does; ranking by :math:`C_{ij}` would fill the
-    candidate lists of features without a partner with the smallest-norm columns, all
-    taken. For rectangular problems the column norms matter and :math:`h = 0`; cosine
-    costs carry no norm and :math:`h = 0` too.
+    Square mse: :math:`A_i = |a_i|^2/D`, :math:`\alpha_j = |b_j|^2/D`, :math:`\beta_j = 2|b_j|/D`
+    and :math:`\sigma_i` bounds :math:`a_i\cdot b_j/|b_j|` over the excluded columns. Otherwise
+    :math:`\alpha = \beta = 0` and :math:`A_i` bounds :math:`C_{ij}` directly.
     """
-    if metric == "mse" and ra.n == cb.n:
-        return cb.sq / ra.dim
-    return torch.zeros(cb.n, dtype=torch.float64)
+
+    A: np.ndarray  # (n,)
+    sigma: np.ndarray  # (n,)
+    alpha: np.ndarray  # (m,)
+    beta: np.ndarray  # (m,)
+
+
+def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower convex hull of the points (x_j, y_j), for :math:`f(s) = \min_j (y_j - s x_j)`.
+
+    Returns the hull vertices (x, y, increasing x) and the slopes of the edges between them.
+    """
+    order = np.lexsort((y, x))
+    xs, ys = x[order], y[order]
+    # keep the lowest y per distinct x
+    keep = np.ones(xs.size, dtype=bool)
+    keep[1:] = xs[1:] != xs[:-1]
+    xs, ys = xs[keep], ys[keep]
+    hx: list[float] = []
+    hy: list[float] = []
+    for px, py in zip(xs.tolist(), ys.tolist()):
+        while len(hx) >= 2 and (hx[-1] - hx[-2]) * (py - hy[-2]) - (hy[-1] - hy[-2]) * (px - hx[-2]) <= 0:
+            hx.pop()
+            hy.pop()
+        hx.append(px)
+        hy.append(py)
+    hxa, hya = np.asarray(hx), np.asarray(hy)
+    slopes = np.diff(hya) / np.diff(hxa) if hxa.size > 1 else np.zeros(0)
+    return hxa, hya, slopes
+
+
+def _envelope_min(bounds: _RowBounds, v: np.ndarray) -> np.ndarray:
+    """:math:`\min_j (\alpha_j - v_j - \sigma_i \beta_j)` for every row i, exactly, in O((n+m) log m)."""
+    hx, hy, slopes = _lower_envelope(bounds.beta, bounds.alpha - v)
+    # y - s x is minimised at the vertex whose left edge slope <= s <= right edge slope
+    idx = np.searchsorted(slopes, bounds.sigma, side="left")
+    return hy[idx] - bounds.sigma * hx[idx]
 
 
 def _candidate_pass(
     ra: _Side, sb: _Side, metric: str, k: int, block_size: int, square_mse: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best k columns per row by :math:`C_{ij} - h_j`, their float64 costs, and a lower bound.
+) -> tuple[torch.Tensor, torch.Tensor, _RowBounds]:
+    """The k best columns of every row, their float64 costs, and bounds on all other columns.
 
-    Score maximised (float32): ``G_ij`` for square mse (:math:`h_j = |b_j|^2/D`, so
-    :math:`C_{ij} - h_j = (|a_i|^2 - 2G_{ij})/D` exactly), ``2 G_ij - |b_j|^2`` for
-    rectangular mse (:math:`h = 0`), ``G_ij / |b_j|`` for cosine (:math:`h = 0`). ``G`` is
-    the float32 product ``A_blk @ B^T`` with pairwise_cost's layout, the same numbers the
-    costs are made from. Two-level selection: the maximum of each chunk of c columns, the
-    k chunks with the largest maxima, then the top k inside them (exactly the row's k
-    best scores: any column outside those chunks is <= the k chunk maxima).
+    Scores maximised (float32), from the product ``G = A_blk @ B^T`` laid out as in
+    pairwise_cost (so the candidate costs are the dense path's numbers):
 
-    Returns
-    -------
-    cols : (n, k) int64
-    costs : (n, k) float64
-    lower : (n,) float64
-        :math:`\ell_i \le C_{ij} - h_j` for every column j not in ``cols[i]`` (includes the
-        float32 rounding of the score where the score is not G itself).
+    * square mse: :math:`G_{ij}/|b_j|`. Every full assignment uses every column once, so
+      :math:`\sum_i (|a_i|^2 + |b_{\pi(i)}|^2)/D` is constant and the LAP only maximises
+      :math:`\sum_i a_i\cdot b_{\pi(i)}` (the remark under Eq. 3). Ranking by the inner
+      product itself would send every feature without a partner to the same few
+      large-norm columns (the spread of :math:`a\cdot b` grows with :math:`|b|`); ranking by
+      :math:`a\cdot b/|b|` spreads them over all columns, as the optimum must.
+    * rectangular mse: :math:`G_{ij} - |b_j|^2/2`, i.e. the cost (norms matter here).
+    * cosine: :math:`G_{ij}/|b_j|`, i.e. the cosine.
+
+    Two-level selection: the maximum of each chunk of c columns, the k chunks with the
+    largest maxima, then the top k inside them (exactly the row's k best scores: every
+    column outside those chunks is <= the k chunk maxima).
     """
     n, m, dim = ra.n, sb.n, ra.dim
     dev = ra.device
@@ -311,16 +341,13 @@ def _candidate_pass(
     m_pad = c * n_chunks
     a_rows = ra.rows()
     bt = sb.cols_t()
-    if metric == "mse":
-        scale_b = sb.sq.to(dev, torch.float32)
-    else:
-        rb = sb.norm
-        inv = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
-        scale_b = inv.to(dev, torch.float32)
+    rb = sb.norm
+    inv_b = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
+    inv_b32 = inv_b.to(dev, torch.float32)
+    half_sq32 = (sb.sq / 2).to(dev, torch.float32)
     bs = max(1, min(block_size, n))
-    direct = square_mse and m_pad == m  # select on G itself: no score pass at all
     gbuf = torch.empty(bs, m, device=dev, dtype=torch.float32)
-    sbuf = None if direct else torch.full((bs, m_pad), -float("inf"), device=dev, dtype=torch.float32)
+    sbuf = torch.full((bs, m_pad), -float("inf"), device=dev, dtype=torch.float32)
     offs = torch.arange(c, device=dev)
     cols_out = torch.empty(n, k, dtype=torch.int64)
     g_out = torch.empty(n, k, dtype=torch.float32)
@@ -330,16 +357,11 @@ def _candidate_pass(
         r = i1 - i0
         g = gbuf[:r]
         torch.mm(a_rows[i0:i1], bt, out=g)
-        if direct:
-            score = g
+        score = sbuf[:r]
+        if metric == "mse" and not square_mse:
+            torch.sub(g, half_sq32, out=score[:, :m])
         else:
-            score = sbuf[:r]
-            if square_mse:
-                score[:, :m].copy_(g)
-            elif metric == "mse":
-                torch.sub(g, scale_b, alpha=0.5, out=score[:, :m])  # (2G - |b|^2) / 2
-            else:
-                torch.mul(g, scale_b, out=score[:, :m])
+            torch.mul(g, inv_b32, out=score[:, :m])
         if n_chunks > k:
             cmax = score.view(r, n_chunks, c).amax(2)
             chunk_idx = torch.topk(cmax, k, dim=1, largest=True, sorted=False).indices
@@ -356,24 +378,27 @@ def _candidate_pass(
         score_k[i0:i1] = kv.amin(1).double().cpu()
     del gbuf, sbuf
     costs = _costs_from_g(g_out, ra.sq[:, None], sb.sq[cols_out], metric, dim)
+    zeros_m = np.zeros(m)
+    sq_a, nrm_a = ra.sq.numpy(), ra.norm.numpy()
+    sk = score_k.numpy()
     if k >= m:
-        lower = torch.full((n,), math.inf, dtype=torch.float64)
-    elif square_mse:
-        # C_ij - |b_j|^2/D = (|a_i|^2 - 2 G_ij)/D >= (|a_i|^2 - 2 g_(k))/D, up to float64 rounding
+        return cols_out, costs, _RowBounds(np.full(n, np.inf), np.zeros(n), zeros_m, zeros_m)
+    if square_mse:
+        # score = fl(G fl(1/|b|)): |G/|b|| <= |a|, relative error <= 3u (+ f64 noise)
+        sigma = sk + 3.01 * _U32 * nrm_a
         bmax2 = float(sb.sq.max())
-        lower = (ra.sq - 2.0 * score_k) / dim - 1e-12 * (ra.sq + bmax2) / dim
-    elif metric == "mse":
-        # score = fl(G - fl(|b|^2/2)): error <= u |b|^2/2 + u(|G| + |b|^2/2) <= u(max|b|^2 + |a| max|b|)
+        A = sq_a / dim - 1e-12 * (sq_a + bmax2) / dim
+        return cols_out, costs, _RowBounds(A, sigma, sb.sq.numpy() / dim, 2.0 * sb.norm.numpy() / dim)
+    if metric == "mse":
+        # score = fl(G - fl(|b|^2/2)): error <= u|b|^2/2 + u(|G| + |b|^2/2) <= u(max|b|^2 + |a| max|b|)
         bmax = float(sb.norm.max())
-        slack = _U32 * (bmax**2 + ra.norm * bmax) * (1 + 1e-3) + 1e-12 * (ra.sq + bmax**2)
-        lower = ((ra.sq - 2.0 * (score_k + slack)) / dim).clamp_(min=0.0)
+        slack = _U32 * (bmax**2 + nrm_a * bmax) * (1 + 1e-3) + 1e-12 * (sq_a + bmax**2)
+        A = np.maximum((sq_a - 2.0 * (sk + slack)) / dim, 0.0)
     else:
-        # score = fl(G * fl(1/|b|)): |G/|b|| <= |a|, relative error <= 3u; plus float64 noise
-        slack = 4 * _U32 * ra.norm + 1e-12
-        ra_safe = torch.where(ra.norm > 0, ra.norm, torch.ones_like(ra.norm))
-        lower = torch.where(ra.norm > 0, 1.0 - (score_k + slack) / ra_safe, torch.ones_like(ra.norm))
-        lower = lower.clamp_(0.0, 2.0)
-    return cols_out, costs, lower
+        slack = 3.01 * _U32 * nrm_a + 1e-12
+        safe = np.where(nrm_a > 0, nrm_a, 1.0)
+        A = np.where(nrm_a > 0, np.clip(1.0 - (sk + slack) / safe, 0.0, 2.0), 1.0)
+    return cols_out, costs, _RowBounds(A, np.zeros(n), zeros_m, zeros_m)
 
 
 def _full_rows(ra: _Side, sb: _Side, rows: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
