@@ -621,12 +621,18 @@ def _normalise_pairs(pairs: Iterable[Sequence[int]], layers: Sequence[int]) -> l
 
 
 class _BestK:
-    """The ``K`` entries of smallest integer score per feature, merged batch by batch.
+    """The ``K`` entries of smallest integer score per feature, merged lazily.
 
     ``score`` must be a non-negative int64 below ``2**score_bits``; ties keep the entry
     seen first (candidates arrive in increasing position order), i.e. the smaller
-    position.
+    position. :meth:`update` drops candidates that cannot beat the feature's ``K``-th
+    best score as of the last merge and buffers the rest; the buffer is merged into the
+    state (one stable sort) when it grows past ``F * K / 4`` entries and by
+    :meth:`finish`. The threshold is stale between merges, which only lets more
+    candidates through, so the result is the exact best ``K`` of everything seen.
     """
+
+    merge_min = 4096  # smallest buffer that triggers a merge (tests lower it)
 
     def __init__(self, n_features: int, k: int, score_bits: int, value_dtype: Any = np.float32):
         if n_features >= 2 ** (62 - score_bits):
@@ -637,8 +643,12 @@ class _BestK:
         self.pos = np.full((n_features, k), -1, dtype=np.int64)
         self.val = np.zeros((n_features, k), dtype=value_dtype)
         self.thr = np.full(n_features, _INT64_MAX, dtype=np.int64)  # k-th best score, MAX if not full
+        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n_buf = 0
+        self._limit = max(self.merge_min, n_features * k // 4)
 
     def update(self, feat: np.ndarray, score: np.ndarray, pos: np.ndarray, val: np.ndarray) -> None:
+        """Offer entries (in increasing position order)."""
         if self.k == 0 or feat.size == 0:
             return
         keep = score < self.thr[feat]
@@ -646,7 +656,20 @@ class _BestK:
             feat, score, pos, val = feat[keep], score[keep], pos[keep], val[keep]
         if feat.size == 0:
             return
-        aff = np.unique(feat)
+        self._buf.append((feat, score, pos, val))
+        self._n_buf += feat.size
+        if self._n_buf > self._limit:
+            self._merge()
+
+    def finish(self) -> None:
+        """Merge whatever is buffered (call before reading ``score``/``pos``/``val``)."""
+        if self._buf:
+            self._merge()
+
+    def _merge(self) -> None:
+        feat, score, pos, val = (np.concatenate(parts) for parts in zip(*self._buf))
+        self._buf, self._n_buf = [], 0
+        aff = np.flatnonzero(np.bincount(feat, minlength=self.score.shape[0]))
         old_pos = self.pos[aff]
         valid = old_pos >= 0  # a prefix of each row
         all_f = np.concatenate([np.repeat(aff, valid.sum(1)), feat])
@@ -706,13 +729,35 @@ class _LayerAccumulator:
         if self.res.k:
             self.res.update(cols, prio[rows], gpos[rows], vals)
 
+    def finish(self) -> None:
+        self.top.finish()
+        self.res.finish()
 
-def _fast_encoder(sae: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A fused encoder equal to ``sae.encode`` for plain JumpReLU / ReLU SAEs, else None.
 
-    ``addmm`` then one in-place threshold. Used only when nothing in the SAE's encode
-    path could differ: no hooks on the SAE's hook points, no input normalisation, no
-    reshaping, float32 weights, and (JumpReLU) all thresholds > 0 so the ReLU is implied.
+Encoder = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _generic_encoder(sae: Any) -> Encoder:
+    """``sae.encode`` as an encoder returning ``(acts, acts > 0)``."""
+    F = int(sae.cfg.d_sae)
+
+    def enc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = sae.encode(x).reshape(x.shape[0], F).float()
+        return acts, acts > 0
+
+    return enc
+
+
+def _fast_encoder(sae: Any) -> Encoder | None:
+    """A fused encoder for plain JumpReLU / ReLU SAEs, else None.
+
+    Returns ``(hidden, mask)``: the pre-activation ``(x - b_dec) @ W_enc + b_enc`` (one
+    ``addmm``, the same arithmetic as SAELens) and the firing mask (``hidden > threshold``
+    for JumpReLU, ``hidden > 0`` for ReLU). The activation is ``hidden`` where ``mask``
+    and 0 elsewhere, exactly ``sae.encode``; the dense activation matrix is only built
+    when a layer pair needs it. Used only when nothing in the SAE's encode path could
+    differ: no hooks on the SAE's hook points, no input normalisation, no reshaping,
+    float32 weights, and (JumpReLU) all thresholds > 0, so the ReLU is implied.
     """
     try:
         from sae_lens import JumpReLUSAE, StandardSAE
@@ -730,26 +775,23 @@ def _fast_encoder(sae: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return None
     W, b = sae.W_enc, sae.b_enc
     b_dec = sae.b_dec if getattr(cfg, "apply_b_dec_to_input", False) else None
-
-    def pre(x: torch.Tensor) -> torch.Tensor:
-        # same arithmetic as SAELens: (x - b_dec) @ W_enc + b_enc
-        return torch.addmm(b, x - b_dec if b_dec is not None else x, W)
-
     if kind is JumpReLUSAE:
         thr = sae.threshold
         if not bool((thr > 0).all()):
             return None
+    else:
+        thr = torch.zeros((), dtype=W.dtype, device=W.device)
 
-        def enc(x: torch.Tensor) -> torch.Tensor:
-            h = pre(x)
-            return h.masked_fill_(h <= thr, 0.0)
+    def enc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.addmm(b, x - b_dec if b_dec is not None else x, W)
+        return h, h > thr
 
-        return enc
+    return enc
 
-    def enc_relu(x: torch.Tensor) -> torch.Tensor:
-        return pre(x).relu_()
 
-    return enc_relu
+def _dense(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The activation matrix: ``hidden`` where it fires, 0 elsewhere (in place)."""
+    return hidden.mul_(mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -910,7 +952,7 @@ def _run(
 
     widths = {L: int(saes[L].cfg.d_sae) for L in layers}
     acc = {L: _LayerAccumulator(widths[L], top_k, n_samples, prio_bits) for L in layers}
-    encoders = {L: (_fast_encoder(saes[L]) if fast_encode else None) or saes[L].encode for L in layers}
+    encoders = {L: (_fast_encoder(saes[L]) if fast_encode else None) or _generic_encoder(saes[L]) for L in layers}
     coact = {p: np.zeros((widths[p[0]], widths[p[1]]), dtype=np.int64) for p in pairs}
     prod = {p: np.zeros((widths[p[0]], widths[p[1]]), dtype=np.float64) for p in pairs}
     a_side = {p[0] for p in pairs}
@@ -942,32 +984,34 @@ def _run(
             x = x.reshape(x.shape[0] * x.shape[1], -1).to(sae_dtype)
             a = acc[layer]
             a.norm_sum += float(torch.linalg.vector_norm(x, dim=-1).sum(dtype=torch.float64))
-            acts = encode(x).reshape(x.shape[0], F).float()
-            nz = torch.nonzero(acts)
-            rows_t, cols_t = nz[:, 0], nz[:, 1]
-            vals_t = acts[rows_t, cols_t]
-            if bool((vals_t < 0).any()):  # not for SAELens architectures; keep stats consistent
-                acts = acts.clamp_min(0)
-                keep = vals_t > 0
-                rows_t, cols_t, vals_t = rows_t[keep], cols_t[keep], vals_t[keep]
-            rows, cols, vals = rows_t.cpu().numpy(), cols_t.cpu().numpy(), vals_t.cpu().numpy()
+            hidden, mask = encode(x)
+            n = hidden.shape[0]
+            if hidden.device.type == "cpu":
+                flat = np.flatnonzero(mask.numpy())  # firing entries, row-major = position order
+                vals = hidden.numpy().reshape(-1)[flat]
+                rows, cols = np.divmod(flat, F)
+            else:
+                flat_t = torch.nonzero(mask.reshape(-1)).squeeze(1)
+                vals = hidden.reshape(-1)[flat_t].float().cpu().numpy()
+                rows, cols = np.divmod(flat_t.cpu().numpy(), F)
+            vals = vals.astype(np.float32, copy=False)
             a.update(rows, cols, vals, batch_state["gpos"], batch_state["prio"])
             if layer in a_side:
-                n = acts.shape[0]
+                dev = hidden.device
                 order = np.argsort(cols.astype(np.uint16) if F <= 65535 else cols, kind="stable")
-                order_t = torch.from_numpy(order).to(acts.device)
-                crow = torch.zeros(F + 1, dtype=torch.int64, device=acts.device)
-                crow[1:] = torch.bincount(cols_t, minlength=F).cumsum(0)
-                r_sorted = rows_t[order_t]
-                v_sorted = vals_t[order_t]
+                crow = np.zeros(F + 1, dtype=np.int64)
+                np.cumsum(np.bincount(cols, minlength=F), out=crow[1:])
+                crow_t = torch.from_numpy(crow).to(dev)
+                r_sorted = torch.from_numpy(rows[order]).to(dev)
+                v_sorted = torch.from_numpy(vals[order]).to(dev)
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                    warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                     sparse_t[layer] = (
-                        torch.sparse_csr_tensor(crow, r_sorted, torch.ones_like(v_sorted), (F, n)),
-                        torch.sparse_csr_tensor(crow, r_sorted, v_sorted, (F, n)),
+                        torch.sparse_csr_tensor(crow_t, r_sorted, torch.ones_like(v_sorted), (F, n)),
+                        torch.sparse_csr_tensor(crow_t, r_sorted, v_sorted, (F, n)),
                     )
             if layer in b_side:
-                dense_b[layer] = ((acts > 0).float(), acts)
+                dense_b[layer] = (mask.float(), _dense(hidden.float(), mask))
             if layer in a_side or layer in b_side:
                 do_pairs(layer)
 
@@ -992,6 +1036,8 @@ def _run(
         sparse_t.clear()
         dense_b.clear()
 
+    for L in layers:
+        acc[L].finish()
     n_tokens = n_seq * (seq_len - 1)
     stats = ActivationStats(
         layers=layers,

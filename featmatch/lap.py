@@ -402,22 +402,9 @@ def _candidate_pass(
 
 
 def _full_rows(ra: _Side, sb: _Side, rows: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 costs and rigorous lower bounds for whole rows.
-
-    Returns ``(cost (r, m) float64, lower (r, m) float64)``. The product of a small row block may round
-    differently from the main pass's, so the lower bound subtracts a worst-case float32
-    dot-product error :math:`\\gamma_D |a_i| |b_j|` (plus float64 noise).
-    """
-    g = ra.rows()[rows.to(ra.device)] @ sb.cols_t()
-    g = g.cpu()
-    cost = _costs_from_g(g, ra.sq[rows][:, None], sb.sq[None, :], metric, ra.dim)
-    gam = _gamma(ra.dim)
-    if metric == "mse":
-        err = (2 * gam * ra.norm[rows][:, None] * sb.norm[None, :]) / ra.dim
-        err = err + 1e-12 * (ra.sq[rows][:, None] + sb.sq[None, :]) / ra.dim
-    else:
-        err = torch.full_like(cost, 2 * gam + 1e-12)
-    return cost, cost - err
+    """Float64 costs ``(r, m)`` and the float32 products of whole rows (for the recheck)."""
+    g = (ra.rows()[rows.to(ra.device)] @ sb.cols_t()).cpu()
+    return _costs_from_g(g, ra.sq[rows][:, None], sb.sq[None, :], metric, ra.dim), g
 
 
 # --------------------------------------------------------------------------------------
@@ -455,49 +442,44 @@ def _duals(
     match_col: np.ndarray,
     match_cost: np.ndarray,
     n: int,
-    n_cols: int,
-    dummy_cost: float,
+    m: int,
     eps: float,
     h: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Largest feasible column duals :math:`v \\le 0` and row duals :math:`u`, by Bellman-Ford.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Column duals :math:`v \le h - \max h` as large as feasible, and row duals :math:`u`, by Bellman-Ford.
 
-    Difference constraints :math:`v_j \\le v_{\\pi(i)} + (c_{ij} - c_{i\\pi(i)})` for every
-    non-matching edge, and :math:`v \\le 0` (a virtual source joined to every column at
-    length 0). Shortest distances satisfy them all; :math:`u_i = c_{i\\pi(i)} - v_{\\pi(i)}`
-    then makes every matching edge tight. Vectorised label-correcting: each sweep relaxes
+    Difference constraints :math:`v_j \le v_{\pi(i)} + (c_{ij} - c_{i\pi(i)})` for every
+    non-matching candidate edge, and :math:`v_j \le h_j - \max h` (a virtual source joined
+    to column j at that length; :math:`h = 0` except for square mse, where
+    :math:`h_j = |b_j|^2/D`). The shortest distances satisfy them all, and
+    :math:`u_i = c_{i\pi(i)} - v_{\pi(i)}` makes every matching edge tight. For
+    rectangular problems :math:`h = 0`, so :math:`v \le 0` and an unused column keeps
+    :math:`v_j = 0` (a shorter path into it would be a cheaper assignment, contradicting
+    optimality on the candidates). Rows left on their dummy column are left out (they get
+    no dual; the caller rechecks them). Vectorised label-correcting: each sweep relaxes
     only the edges leaving columns whose label changed in the previous sweep.
-
-    Returns
-    -------
-    u : (n,), v : (n_cols,) float64, sweeps : int
 
     Raises
     ------
     RuntimeError
-        If labels keep changing after ``n_cols + 1`` sweeps (a negative cycle: the matching
-        is not optimal on the candidate graph, which only floating-point trouble can cause).
+        If labels keep changing after ``m + 1`` sweeps (a negative cycle: the matching is not
+        optimal on the candidate graph, which only floating-point trouble can cause).
     """
-    # dummy edges (i, m + i) are candidate edges too
-    m = n_cols - n
-    rows = np.concatenate([e_row, np.arange(n)])
-    cols = np.concatenate([e_col, m + np.arange(n)])
-    cost = np.concatenate([e_cost, np.full(n, dummy_cost)])
-    src = match_col[rows]
-    keep = cols != src
+    on_real = match_col < m
+    src = match_col[e_row]
+    keep = on_real[e_row] & (e_col != src)
     src_t = torch.from_numpy(src[keep])
-    dst_t = torch.from_numpy(cols[keep])
-    w_t = torch.from_numpy(cost[keep] - match_cost[rows[keep]])
-    v = torch.zeros(n_cols, dtype=torch.float64)
-    v[: h.size] = torch.from_numpy(h - h.max()) if h.size else 0.0
-    active = torch.ones(n_cols, dtype=torch.bool)
+    dst_t = torch.from_numpy(e_col[keep])
+    w_t = torch.from_numpy(e_cost[keep] - match_cost[e_row[keep]])
+    v = torch.from_numpy(h - h.max()) if h.size else torch.zeros(0, dtype=torch.float64)
+    active = torch.ones(m, dtype=torch.bool)
     sweeps = 0
     while True:
         sel = active[src_t]
         if not bool(sel.any()):
             break
         sweeps += 1
-        if sweeps > n_cols + 1:
+        if sweeps > m + 1:
             raise RuntimeError("dual computation did not converge (negative cycle in the residual graph)")
         s, d = src_t[sel], dst_t[sel]
         cand = v[s] + w_t[sel]
@@ -505,9 +487,10 @@ def _duals(
         new.scatter_reduce_(0, d, cand, reduce="amin", include_self=True)
         active = new < v - eps
         v = torch.where(active, new, v)
-    v_np = v.numpy()
-    u = match_cost - v_np[match_col]
-    return u, v_np, sweeps
+    v_np = v.numpy().copy()
+    u = np.full(n, np.nan)
+    u[on_real] = match_cost[on_real] - v_np[match_col[on_real]]
+    return u, v_np
 
 
 # --------------------------------------------------------------------------------------
@@ -664,14 +647,11 @@ def _sparse_match_sides(
     # ---- phase 1: one blocked pass ------------------------------------------------
     t = time.perf_counter()
     square_mse = metric == "mse" and n == m
-    h = _column_potential(ra, cb, metric)
-    h_np = h.numpy()
-    cols, costs, lower = _candidate_pass(ra, cb, metric, info.k, bs, square_mse)
+    cols, costs, bounds = _candidate_pass(ra, cb, metric, info.k, bs, square_mse)
     kk = cols.shape[1]
     e_row = np.repeat(np.arange(n, dtype=np.int64), kk)
     e_col = cols.numpy().reshape(-1).astype(np.int64)
     e_cost = costs.numpy().reshape(-1).copy()
-    lower_np = lower.numpy().copy()
     times["candidates"] = time.perf_counter() - t
 
     if metric == "mse":
@@ -683,6 +663,7 @@ def _sparse_match_sides(
     tau = tol * scale
     eps_dual = 1e-15 * scale
     extra = max(kk, 16)
+    gam = _gamma(ra.dim)
     match_col = np.zeros(n, dtype=np.int64)
     certified = False
     for rnd in range(1, max_rounds + 1):
@@ -695,80 +676,97 @@ def _sparse_match_sides(
         t = time.perf_counter()
         order = np.lexsort((e_col, e_row))
         e_row, e_col, e_cost = e_row[order], e_col[order], e_cost[order]
-        match_cost = np.full(n, big, dtype=np.float64)
         on_real = match_col < m
+        n_dummy = int((~on_real).sum())
+        info.dummies_used.append(n_dummy)
+        match_cost = np.full(n, big, dtype=np.float64)
         key_e = e_row * (m + 1) + e_col
-        key_m = np.flatnonzero(on_real) * (m + 1) + match_col[on_real]
-        pos = np.searchsorted(key_e, key_m)
+        pos = np.searchsorted(key_e, np.flatnonzero(on_real) * (m + 1) + match_col[on_real])
         match_cost[on_real] = e_cost[pos]
         try:
-            u, v, _ = _duals(e_row, e_col, e_cost, match_col, match_cost, n, m + n, big, eps_dual, h_np)
+            u, v = _duals(e_row, e_col, e_cost, match_col, match_cost, n, m, eps_dual, bounds.alpha)
         except RuntimeError:
             times["duals"] += time.perf_counter() - t
             break
-        # feasibility on the candidate edges (holds by construction; verified)
-        rc_e = e_cost - u[e_row] - v[e_col]
+        # feasibility on the candidate edges of the rows on real columns (holds by construction)
+        real_e = on_real[e_row]
+        rc_e = e_cost[real_e] - u[e_row[real_e]] - v[e_col[real_e]]
         feasible = bool(rc_e.min() >= -tau) if rc_e.size else True
         times["duals"] += time.perf_counter() - t
-        n_dummy = int((~on_real).sum())
-        info.dummies_used.append(n_dummy)
         if not feasible:
             break
-        # ---- phase 4: certificate --------------------------------------------------------
+        # ---- phase 4: certificate over all pairs, from the bounds --------------------------
+        # excluded (i, j): C_ij - u_i - v_j >= A_i - u_i + min_j (alpha_j - v_j - sigma_i beta_j)
         t = time.perf_counter()
-        v_max = float((v[:m] - h_np).max())
-        suspect = np.flatnonzero(lower_np - u < v_max - tau)
+        slack_rows = bounds.A - u + _envelope_min(bounds, v)
+        suspect = np.flatnonzero((slack_rows < -tau) | ~on_real)
         times["certificate"] += time.perf_counter() - t
         info.rows_rechecked.append(int(suspect.size))
         if suspect.size == 0:
             info.violations.append(0)
-            certified = n_dummy == 0
+            certified = True
             break
-        # full recheck of the suspect rows: exact reduced costs, add the cheapest excluded pairs
+        # ---- recheck: whole rows, exact reduced costs; add the most negative ones --------
         t = time.perf_counter()
         n_viol = 0
         new_r, new_c, new_cost = [], [], []
-        v_t = torch.from_numpy(v[:m])
-        # existing candidate columns of each suspect row (edges are sorted by row)
+        v_t = torch.from_numpy(v)
+        alpha_t = torch.from_numpy(bounds.alpha)
+        beta_t = torch.from_numpy(bounds.beta)
         starts = np.searchsorted(e_row, suspect, side="left")
         ends = np.searchsorted(e_row, suspect, side="right")
         rb = max(1, min(bs, (64 * 2**20) // (8 * m)))
+        take = max(1, min(extra, m))
         for s0 in range(0, suspect.size, rb):
             rows_np = suspect[s0 : s0 + rb]
+            q = rows_np.size
             rows_t = torch.from_numpy(rows_np)
-            cost_full, lb_full = _full_rows(ra, cb, rows_t, metric)
-            rc = lb_full - torch.from_numpy(u[rows_np])[:, None] - v_t[None, :]
-            # mask the existing candidates
-            loc_r = np.concatenate([np.full(ends[s0 + q] - starts[s0 + q], q) for q in range(rows_np.size)])
-            loc_c = np.concatenate([e_col[starts[s0 + q] : ends[s0 + q]] for q in range(rows_np.size)])
-            loc_r_t, loc_c_t = torch.from_numpy(loc_r), torch.from_numpy(loc_c)
-            rc[loc_r_t, loc_c_t] = math.inf
-            n_viol += int((rc < -tau).sum())
-            take = min(extra, m - 1) if m > 1 else 1
-            take = max(1, min(take, m))
+            cost_full, g_full = _full_rows(ra, cb, rows_t, metric)
+            # rigorous lower bound: this small product may round differently from the main pass
+            if metric == "mse":
+                err = (2 * gam * ra.norm[rows_t][:, None] * cb.norm[None, :] + 1e-12 * (ra.sq[rows_t][:, None] + cb.sq[None, :])) / ra.dim
+            else:
+                err = torch.full_like(cost_full, 2 * gam + 1e-12)
+            lb = cost_full - err
+            u_rows = torch.from_numpy(np.where(on_real[rows_np], u[rows_np], big))
+            rc = lb - u_rows[:, None] - v_t[None, :]
+            loc_r = torch.from_numpy(np.repeat(np.arange(q), ends[s0 : s0 + q] - starts[s0 : s0 + q]))
+            loc_c = torch.from_numpy(np.concatenate([e_col[a:b] for a, b in zip(starts[s0 : s0 + q], ends[s0 : s0 + q])]))
+            rc[loc_r, loc_c] = math.inf
+            real_rows = torch.from_numpy(on_real[rows_np])
+            n_viol += int(((rc < -tau) & real_rows[:, None]).sum())
             sel = torch.topk(rc, take, dim=1, largest=False, sorted=False).indices
-            sel_rc = rc.gather(1, sel)
-            valid = torch.isfinite(sel_rc)
-            rr = np.repeat(rows_np, take).reshape(rows_np.size, take)[valid.numpy()]
+            valid = torch.isfinite(rc.gather(1, sel))
+            rr = np.broadcast_to(rows_np[:, None], sel.shape)[valid.numpy()]
             cc = sel[valid].numpy()
             new_r.append(rr)
             new_c.append(cc)
             new_cost.append(cost_full[torch.from_numpy(np.searchsorted(rows_np, rr)), torch.from_numpy(cc)].numpy())
-            # new bound: the smallest lower bound among the columns still excluded
-            lb_masked = lb_full.clone()
-            lb_masked[loc_r_t, loc_c_t] = math.inf
-            lb_masked.scatter_(1, sel, math.inf)
-            lower_np[rows_np] = (lb_masked - h[None, :]).amin(1).numpy()
+            # new bounds for these rows, over the columns still excluded
+            excl = torch.ones_like(lb, dtype=torch.bool)
+            excl[loc_r, loc_c] = False
+            excl.scatter_(1, sel, False)
+            if square_mse:
+                # lb_ij >= A_i + alpha_j - sigma_i beta_j  <=>  sigma_i >= (A_i + alpha_j - lb_ij) / beta_j
+                A_rows = torch.from_numpy(bounds.A[rows_np])
+                need = (A_rows[:, None] + alpha_t[None, :] - lb) / torch.where(beta_t > 0, beta_t, torch.ones_like(beta_t))
+                need = torch.where(excl & (beta_t > 0)[None, :], need, torch.full_like(need, -math.inf))
+                bounds.sigma[rows_np] = need.amax(1).numpy()
+                zero_b = excl & (beta_t <= 0)[None, :]
+                if bool(zero_b.any()):
+                    gap0 = torch.where(zero_b, lb - alpha_t[None, :], torch.full_like(lb, math.inf)).amin(1).numpy()
+                    bounds.A[rows_np] = np.minimum(bounds.A[rows_np], gap0)
+            else:
+                bounds.A[rows_np] = torch.where(excl, lb, torch.full_like(lb, math.inf)).amin(1).numpy()
         info.violations.append(n_viol)
-        if new_r:
-            e_row = np.concatenate([e_row, *new_r])
-            e_col = np.concatenate([e_col, *new_c])
-            e_cost = np.concatenate([e_cost, *new_cost])
+        e_row = np.concatenate([e_row, *new_r])
+        e_col = np.concatenate([e_col, *new_c])
+        e_cost = np.concatenate([e_cost, *new_cost])
         times["recheck"] += time.perf_counter() - t
         if n_viol == 0 and n_dummy == 0:
             certified = True
             break
-        extra *= 2
+        extra = min(2 * extra, 1024)
 
     info.n_edges = int(e_row.size)
     info.k_max = int(np.bincount(e_row, minlength=n).max()) if e_row.size else 0

@@ -32,11 +32,11 @@ PROFILE = os.environ.get("FEATMATCH_PROFILE", "quick")  # zoo profile: tiny (tes
 MODEL = "smollm2-135m"  # featmatch model name
 SAE_SET = None  # None: the embedded zoo of PROFILE ("featmatch-smollm2-{PROFILE}")
 LAYERS = None  # None: every layer of the SAE set
-N_TOKENS = {"tiny": 2048}.get(PROFILE, 16384)  # evaluation tokens (held-out split)
+N_TOKENS = None  # evaluation tokens (held-out split); None: 2048 on the tiny profile, else 16384
 SEED = 0
 OUT_DIR = None  # folder for the figures (set by `featmatch run-notebook`)
 MIN_FIRES = 5  # a feature must fire this often to be shown, sampled or judged
-N_JUDGE = {"tiny": 6}.get(PROFILE, 12)  # matched pairs judged per layer pair and variant
+N_JUDGE = None  # matched pairs judged per layer pair and variant; None: 6 on tiny, else 12
 JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanations" for Neuronpedia texts)
 
 # %% [markdown]
@@ -69,6 +69,9 @@ from featmatch.judges import available_judge, label_counts
 pd.set_option("display.max_colwidth", 120)
 pd.set_option("display.width", 200)
 
+# profile-dependent defaults are resolved here, after papermill has injected the parameters
+N_TOKENS = N_TOKENS or {"tiny": 2048}.get(PROFILE, 16384)
+N_JUDGE = N_JUDGE or {"tiny": 6}.get(PROFILE, 12)
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
 pairs = fa.adjacent_pairs(layers)

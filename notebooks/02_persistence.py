@@ -19,14 +19,14 @@ PROFILE = os.environ.get("FEATMATCH_PROFILE", "quick")  # zoo profile: tiny (tes
 MODEL = "smollm2-135m"  # featmatch model name
 SAE_SET = None  # None: the embedded zoo of PROFILE ("featmatch-smollm2-{PROFILE}")
 LAYERS = None  # None: every layer of the SAE set
-N_TOKENS = {"tiny": 2048}.get(PROFILE, 16384)  # evaluation tokens (held-out split)
+N_TOKENS = None  # evaluation tokens (held-out split); None: 2048 on the tiny profile, else 16384
 SEED = 0
 OUT_DIR = None  # folder for the figures (set by `featmatch run-notebook`)
 START_LAYERS = None  # None: at 38%, 46% and 77% of the depth, like the paper's 10, 12, 20 of 26
-MAX_DISTANCE = {"tiny": 8}.get(PROFILE, 10)  # later layers compared per start (pair statistics are F×F each)
+MAX_DISTANCE = 10  # later layers compared per start (pair statistics are F×F each)
 N_PATHS = 4  # features followed through all layers (App. D)
 MIN_FIRES = 5  # a feature must fire this often to be sampled, judged or followed
-N_JUDGE = {"tiny": 4}.get(PROFILE, 8)  # features judged per (start, target) and method
+N_JUDGE = None  # features judged per (start, target) and method; None: 4 on tiny, else 8
 JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanations" for Neuronpedia texts)
 
 # %% [markdown]
@@ -56,6 +56,9 @@ from featmatch.judges import available_judge
 pd.set_option("display.max_colwidth", 110)
 pd.set_option("display.width", 200)
 
+# profile-dependent defaults are resolved here, after papermill has injected the parameters
+N_TOKENS = N_TOKENS or {"tiny": 2048}.get(PROFILE, 16384)
+N_JUDGE = N_JUDGE or {"tiny": 4}.get(PROFILE, 8)
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)

@@ -30,12 +30,12 @@ PROFILE = os.environ.get("FEATMATCH_PROFILE", "quick")  # zoo profile: tiny (tes
 MODEL = "smollm2-135m"  # featmatch model name
 SAE_SET = None  # None: the embedded zoo of PROFILE ("featmatch-smollm2-{PROFILE}")
 LAYERS = None  # None: every layer of the SAE set
-N_TOKENS = {"tiny": 256}.get(PROFILE, 1024)  # evaluation tokens; every splice runs the full model over them
+N_TOKENS = None  # evaluation tokens, every splice runs the full model over them; None: 256 on tiny, else 1024
 SEED = 0
 OUT_DIR = None  # folder for the figures (set by `featmatch run-notebook`)
-LAYER_STEP = {"tiny": 7}.get(PROFILE, 3)  # evaluate every LAYER_STEP-th layer (plus the last one)
+LAYER_STEP = None  # evaluate every LAYER_STEP-th layer (plus the last one); None: 7 on tiny, else 3
 HYBRID_LAYERS = None  # None: at 12%, 38% and 77% of the depth, like the paper's 3, 10, 20 of 26
-HYBRID_QS = {"tiny": [0.0, 0.5, 1.0]}.get(PROFILE, [0.0, 0.25, 0.5, 0.75, 1.0])  # quantiles q of Eq. 6
+HYBRID_QS = None  # quantiles q of Eq. 6; None: [0, 0.5, 1] on tiny, else [0, 0.25, 0.5, 0.75, 1]
 BATCH_SIZE = 8  # sequences per forward
 
 # %% [markdown]
@@ -65,6 +65,10 @@ from featmatch.pruning import pruning_sweep
 
 pd.set_option("display.width", 200)
 
+# profile-dependent defaults are resolved here, after papermill has injected the parameters
+N_TOKENS = N_TOKENS or {"tiny": 256}.get(PROFILE, 1024)
+LAYER_STEP = LAYER_STEP or {"tiny": 7}.get(PROFILE, 3)
+HYBRID_QS = HYBRID_QS or {"tiny": [0.0, 0.5, 1.0]}.get(PROFILE, [0.0, 0.25, 0.5, 0.75, 1.0])
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)

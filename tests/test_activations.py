@@ -146,9 +146,14 @@ def test_position_zero_excluded(stats, model, saes, tokens):
     assert (bos > 0).sum() > 0
 
 
-def test_streaming_equals_single_batch(model, saes, tokens, stats):
+def test_streaming_equals_single_batch(model, saes, tokens, stats, monkeypatch):
+    monkeypatch.setattr(act._BestK, "merge_min", 1)  # merge every batch
+    many = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, batch_size=2, cache=False, progress=False)
     one = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, batch_size=100, cache=False, progress=False)
     for L in stats.layers:
+        for name in ("top_positions", "top_values"):
+            np.testing.assert_array_equal(getattr(many, name)[L], getattr(stats, name)[L])
+        np.testing.assert_array_equal(many.samples[L][0], stats.samples[L][0])
         np.testing.assert_array_equal(one.fire_count[L], stats.fire_count[L])
         np.testing.assert_allclose(one.act_sum[L], stats.act_sum[L], rtol=1e-6)
         np.testing.assert_array_equal(one.top_positions[L], stats.top_positions[L])
@@ -169,7 +174,7 @@ def test_sampling_deterministic_and_seeded(model, saes, tokens, stats):
     assert any(not np.array_equal(other.samples[L][0], stats.samples[L][0]) for L in stats.layers)
 
 
-def test_sampling_roughly_uniform():
+def test_sampling_roughly_uniform(monkeypatch):
     """Over seeds, each firing position of a feature is sampled with probability N/M.
 
     Drives the streaming accumulator directly (gather's samples are tied exactly to this
@@ -177,6 +182,7 @@ def test_sampling_roughly_uniform():
     """
     from scipy import stats as st
 
+    monkeypatch.setattr(act._BestK, "merge_min", 1)  # merge after every batch
     n_total, n, seeds, batch = 240, 5, 400, 40
     firing = np.arange(0, n_total, 6)  # feature 0 fires on every 6th position (M = 40)
     counts = np.zeros(n_total, dtype=np.int64)
@@ -188,6 +194,7 @@ def test_sampling_roughly_uniform():
             rows = np.flatnonzero(np.isin(gpos, firing))
             cols = np.zeros(rows.size, dtype=np.int64)
             acc.update(rows, cols, np.ones(rows.size, np.float32), gpos, prio[gpos])
+        acc.finish()
         got = acc.res.pos[0]
         assert len(set(got.tolist())) == n and set(got.tolist()) <= set(firing.tolist())
         counts[got] += 1
@@ -240,9 +247,10 @@ def test_fast_encoder_matches_sae_encode(brute, model, saes, tokens):
         enc = act._fast_encoder(sae)
         assert enc is not None
         with torch.no_grad():
-            ref, got = sae.encode(x), enc(x.clone())
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        assert torch.equal(got > 0, ref > 0)
+            ref = sae.encode(x)
+            hidden, mask = enc(x.clone())
+        assert torch.equal(mask, ref > 0)
+        torch.testing.assert_close(act._dense(hidden, mask), ref, rtol=1e-6, atol=1e-6)
     slow = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, cache=False, progress=False, fast_encode=False)
     fast = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, cache=False, progress=False)
     for L in saes:
