@@ -29,7 +29,6 @@ import pstats
 import statistics
 import sys
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +72,16 @@ def realistic_saes(model, tokens: torch.Tensor, width: int, seed: int = 0) -> di
 
 
 def zoo_saes(profile: str, n_layers: int) -> dict | None:
+    """Every layer's SAE of a built zoo profile, or None if any is missing (partial build)."""
     try:
-        from featmatch.zoo import load_zoo_sae, manifest
+        from featmatch.zoo import load_zoo_sae
 
-        manifest(profile)
-    except Exception as exc:  # not built (FileNotFoundError) or zoo module unavailable
-        print(f"[bench] zoo '{profile}' not available ({type(exc).__name__}); using random SAEs")
+        return {L: load_zoo_sae(profile, L) for L in range(n_layers)}
+    except Exception as exc:  # not built, partially built, or zoo module unavailable
+        print(
+            f"[bench] zoo '{profile}' not usable ({type(exc).__name__}: {str(exc)[:120]}); using random SAEs"
+        )
         return None
-    return {L: load_zoo_sae(profile, L) for L in range(n_layers)}
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
@@ -124,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = token_batches(
         model.tokenizer, args.batches * args.batch_size * args.seq_len, seq_len=args.seq_len, split="eval"
     )
-    print(f"[bench] model {args.model}: {n_layers} layers, d_model {model.cfg.d_model}; "
-          f"tokens {tuple(tokens.shape)}; load {time.perf_counter() - t0:.1f}s")
+    print(
+        f"[bench] model {args.model}: {n_layers} layers, d_model {model.cfg.d_model}; "
+        f"tokens {tuple(tokens.shape)}; load {time.perf_counter() - t0:.1f}s"
+    )
 
     saes = zoo_saes(args.profile, n_layers) if args.saes in ("auto", "zoo") else None
     if saes is None:
@@ -133,9 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         t0 = time.perf_counter()
         saes = realistic_saes(model, tokens, args.width)
-        print(f"[bench] built {len(saes)} random JumpReLU SAEs (width {args.width}) in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"[bench] built {len(saes)} random JumpReLU SAEs (width {args.width}) in {time.perf_counter() - t0:.1f}s"
+        )
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",") if p]
-    kw = dict(pairs=pairs, cache=False, progress=False, batch_size=args.batch_size, fast_encode=not args.no_fast_encode)
+    kw = dict(
+        pairs=pairs,
+        cache=False,
+        progress=False,
+        batch_size=args.batch_size,
+        fast_encode=not args.no_fast_encode,
+    )
 
     # warm-up (allocator, first-call overheads) on one batch
     bare_forward(model, tokens[: args.batch_size], args.batch_size, n_layers)
@@ -151,20 +162,31 @@ def main(argv: list[str] | None = None) -> int:
         w, c, stats = timed(gather, model, saes, tokens, **kw)
         gat_w.append(w)
         gat_c.append(c)
-        print(f"[bench] repeat {r}: bare {n_tok / bare_w[-1]:.0f} tok/s, gather {n_tok / gat_w[-1]:.0f} tok/s; "
-              f"ratio wall {bare_w[-1] / gat_w[-1]:.3f}, cpu {bare_c[-1] / gat_c[-1]:.3f}", flush=True)
+        print(
+            f"[bench] repeat {r}: bare {n_tok / bare_w[-1]:.0f} tok/s, gather {n_tok / gat_w[-1]:.0f} tok/s; "
+            f"ratio wall {bare_w[-1] / gat_w[-1]:.3f}, cpu {bare_c[-1] / gat_c[-1]:.3f}",
+            flush=True,
+        )
 
     l0 = [stats.l0(L) for L in stats.layers]
-    print(f"[bench] SAE L0 over layers: min {min(l0):.1f}, median {statistics.median(l0):.1f}, max {max(l0):.1f}")
+    print(
+        f"[bench] SAE L0 over layers: min {min(l0):.1f}, median {statistics.median(l0):.1f}, max {max(l0):.1f}"
+    )
     ratio_wall = min(bare_w) / min(gat_w)
     ratio_cpu = min(bare_c) / min(gat_c)
     ratio_med = statistics.median(bare_w) / statistics.median(gat_w)
-    print(f"bare forward (stop_at_layer={n_layers}): {n_tok / min(bare_w):8.0f} tok/s wall, "
-          f"{n_tok / min(bare_c):8.0f} tok/CPU-s (best of {args.repeats}, {args.threads} threads)")
-    print(f"gather ({len(saes)} SAEs, {len(pairs)} pairs):     {n_tok / min(gat_w):8.0f} tok/s wall, "
-          f"{n_tok / min(gat_c):8.0f} tok/CPU-s")
-    print(f"RATIO gather/bare = {ratio_wall:.3f} wall best-of, {ratio_med:.3f} wall median, {ratio_cpu:.3f} CPU time; "
-          f"target >= 0.75: {'OK' if max(ratio_wall, ratio_cpu) >= 0.75 else 'BELOW TARGET'}")
+    print(
+        f"bare forward (stop_at_layer={n_layers}): {n_tok / min(bare_w):8.0f} tok/s wall, "
+        f"{n_tok / min(bare_c):8.0f} tok/CPU-s (best of {args.repeats}, {args.threads} threads)"
+    )
+    print(
+        f"gather ({len(saes)} SAEs, {len(pairs)} pairs):     {n_tok / min(gat_w):8.0f} tok/s wall, "
+        f"{n_tok / min(gat_c):8.0f} tok/CPU-s"
+    )
+    print(
+        f"RATIO gather/bare = {ratio_wall:.3f} wall best-of, {ratio_med:.3f} wall median, {ratio_cpu:.3f} CPU time; "
+        f"target >= 0.75: {'OK' if max(ratio_wall, ratio_cpu) >= 0.75 else 'BELOW TARGET'}"
+    )
 
     if args.profile_top:
         prof = cProfile.Profile()

@@ -96,8 +96,13 @@ def planted_chain(n_layers: int, f: int, d: int, seed: int = 0):
     n_pair = int(round((1 - UNMATCHED) * f))
     for layer in range(n_layers):
         yield SAEWeights(
-            W_enc=x.T, b_enc=torch.zeros(f), W_dec=x, b_dec=torch.zeros(d), threshold=None,
-            architecture="standard", hook_name=f"blocks.{layer}.hook_resid_post",
+            W_enc=x.T,
+            b_enc=torch.zeros(f),
+            W_dec=x,
+            b_dec=torch.zeros(d),
+            threshold=None,
+            architecture="standard",
+            hook_name=f"blocks.{layer}.hook_resid_post",
         )
         y = torch.randn(f, d, generator=g)
         y /= y.norm(dim=1, keepdim=True)
@@ -130,12 +135,22 @@ def worker(kind: str, f: int, d: int, seed: int, workdir: Path, k: int | None = 
 
         n_layers = int(os.environ.get("BENCH_STACK_LAYERS", "26"))
         t = time.perf_counter()
-        ms = match_stack(planted_chain(n_layers, f, d, seed), on="decoder", fold=False, solver="sparse",
-                         progress=True, **({"k": k} if k else {}))
-        res.update(seconds=time.perf_counter() - t, pairs=len(ms),
-                   certified=all(m.meta["solver_info"]["certified"] for m in ms),
-                   fallbacks=sum(m.meta["solver_info"]["fallback"] is not None for m in ms),
-                   pair_seconds=[m.meta["seconds"] for m in ms], peak_rss_gb=_peak_rss_gb())
+        ms = match_stack(
+            planted_chain(n_layers, f, d, seed),
+            on="decoder",
+            fold=False,
+            solver="sparse",
+            progress=True,
+            **({"k": k} if k else {}),
+        )
+        res.update(
+            seconds=time.perf_counter() - t,
+            pairs=len(ms),
+            certified=all(m.meta["solver_info"]["certified"] for m in ms),
+            fallbacks=sum(m.meta["solver_info"]["fallback"] is not None for m in ms),
+            pair_seconds=[m.meta["seconds"] for m in ms],
+            peak_rss_gb=_peak_rss_gb(),
+        )
         return res
     a, b, truth = planted_pair(f, d, seed)
     res["rss_after_data_gb"] = _peak_rss_gb()
@@ -183,9 +198,23 @@ def worker(kind: str, f: int, d: int, seed: int, workdir: Path, k: int | None = 
     return res
 
 
-def run_sub(kind: str, f: int, d: int, seed: int, workdir: Path, k: int | None, timeout: float = 7200) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--F", str(f), "--d", str(d), "--seed", str(seed),
-           "--workdir", str(workdir)]
+def run_sub(
+    kind: str, f: int, d: int, seed: int, workdir: Path, k: int | None, timeout: float = 7200
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--F",
+        str(f),
+        "--d",
+        str(d),
+        "--seed",
+        str(seed),
+        "--workdir",
+        str(workdir),
+    ]
     if k:
         cmd += ["--k", str(k)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -209,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     p.add_argument("--only", nargs="*", help="shape names to run (16k 65k gpt2)")
     p.add_argument("--no-stack", action="store_true")
-    p.add_argument("--stack-layers", type=int, default=None, help="layers in the stack benchmark (default 26)")
+    p.add_argument(
+        "--stack-layers", type=int, default=None, help="layers in the stack benchmark (default 26)"
+    )
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker")
@@ -258,14 +289,29 @@ def main(argv: list[str] | None = None) -> int:
             gap = None
             if "sparse_total_on_dense_costs" in de:
                 gap = (de["sparse_total_on_dense_costs"] - de["total_cost"]) / abs(de["total_cost"])
-            dense_s = _fmt(de.get("seconds")) if "seconds" in de else (
-                f"not run (needs ≥ {dense_bytes / 1e9:.0f} GB for the float64 matrix)" if de.get("skipped") else "error")
-            cert = (f"{info.get('certified')} ({info.get('rounds')}, {sum(info.get('rows_rechecked', []))}, "
-                    f"{info.get('fallback')})") if info else f"error: {sp.get('error', '')[-200:]}"
-            row = (f"| {name}: {f:,} x {d} | {_fmt(fl.get('seconds'))} | {_fmt(sp.get('seconds'))} | "
-                   f"{_fmt(ratio_floor)} | {dense_s} | {_fmt(speedup)} | {_fmt(gap, '.1e')} | {de.get('same_perm', '—')} | "
-                   f"{_fmt(sp.get('peak_rss_gb'))} | {_fmt(de.get('peak_rss_gb'))} | {cert} | "
-                   f"{_fmt(sp.get('truth_recovered'), '.3f')} |")
+            dense_s = (
+                _fmt(de.get("seconds"))
+                if "seconds" in de
+                else (
+                    f"not run (needs ≥ {dense_bytes / 1e9:.0f} GB for the float64 matrix)"
+                    if de.get("skipped")
+                    else "error"
+                )
+            )
+            cert = (
+                (
+                    f"{info.get('certified')} ({info.get('rounds')}, {sum(info.get('rows_rechecked', []))}, "
+                    f"{info.get('fallback')})"
+                )
+                if info
+                else f"error: {sp.get('error', '')[-200:]}"
+            )
+            row = (
+                f"| {name}: {f:,} x {d} | {_fmt(fl.get('seconds'))} | {_fmt(sp.get('seconds'))} | "
+                f"{_fmt(ratio_floor)} | {dense_s} | {_fmt(speedup)} | {_fmt(gap, '.1e')} | {de.get('same_perm', '—')} | "
+                f"{_fmt(sp.get('peak_rss_gb'))} | {_fmt(de.get('peak_rss_gb'))} | {cert} | "
+                f"{_fmt(sp.get('truth_recovered'), '.3f')} |"
+            )
             lines.append(row)
             print(row, flush=True)
         if not args.no_stack:
@@ -281,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if "seconds" in st:
                 per = st["seconds"] / max(st["pairs"], 1)
-                row = (f"| {stack_layers} SAEs of {f:,} x {d} (decoder rows) | {st['pairs']} | {st['seconds']:.1f} | "
-                       f"{per:.2f} | {per / fl['seconds']:.2f} | {st['peak_rss_gb']:.2f} | {st['certified']} | "
-                       f"{st['fallbacks']} |")
+                row = (
+                    f"| {stack_layers} SAEs of {f:,} x {d} (decoder rows) | {st['pairs']} | {st['seconds']:.1f} | "
+                    f"{per:.2f} | {per / fl['seconds']:.2f} | {st['peak_rss_gb']:.2f} | {st['certified']} | "
+                    f"{st['fallbacks']} |"
+                )
             else:
                 row = f"| stack | error: {st.get('error', '')[-300:]} |"
             lines.append(row)

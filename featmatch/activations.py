@@ -314,7 +314,7 @@ class ActivationStats:
             return tokenizer.decode(ids)
 
         out = []
-        for rank, (gpos, value) in enumerate(zip(positions.tolist(), values.tolist())):
+        for rank, (gpos, value) in enumerate(zip(positions.tolist(), values.tolist(), strict=True)):
             if gpos < 0:
                 break
             seq, pos = divmod(int(gpos), self.seq_len)
@@ -584,7 +584,9 @@ def cache_key(
     prov = {
         "algorithm_version": ALGORITHM_VERSION,
         "model": _model_fingerprint(model),
-        "saes": {str(L): {"hook_name": hooks[L], "sha256": _sae_fingerprint(saes[L], hooks[L])} for L in layers},
+        "saes": {
+            str(L): {"hook_name": hooks[L], "sha256": _sae_fingerprint(saes[L], hooks[L])} for L in layers
+        },
         "tokens_sha256": _tokens_hash(tokens),
         "tokens_shape": list(tokens.shape),
         "pairs": [list(p) for p in _normalise_pairs(pairs, layers)],
@@ -609,7 +611,9 @@ def _normalise_pairs(pairs: Iterable[Sequence[int]], layers: Sequence[int]) -> l
         la, lb = int(p[0]), int(p[1])
         for L in (la, lb):
             if L not in layers:
-                raise ValueError(f"pair ({la}, {lb}) names layer {L}, which has no SAE (layers: {list(layers)})")
+                raise ValueError(
+                    f"pair ({la}, {lb}) names layer {L}, which has no SAE (layers: {list(layers)})"
+                )
         if (la, lb) not in out:
             out.append((la, lb))
     return out
@@ -667,7 +671,7 @@ class _BestK:
             self._merge()
 
     def _merge(self) -> None:
-        feat, score, pos, val = (np.concatenate(parts) for parts in zip(*self._buf))
+        feat, score, pos, val = (np.concatenate(parts) for parts in zip(*self._buf, strict=True))
         self._buf, self._n_buf = [], 0
         aff = np.flatnonzero(np.bincount(feat, minlength=self.score.shape[0]))
         old_pos = self.pos[aff]
@@ -742,7 +746,7 @@ def _generic_encoder(sae: Any) -> Encoder:
     F = int(sae.cfg.d_sae)
 
     def enc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        acts = sae.encode(x).reshape(x.shape[0], F).float()
+        acts = sae.encode(x).reshape(-1, F).float()
         return acts, acts > 0
 
     return enc
@@ -783,7 +787,9 @@ def _fast_encoder(sae: Any) -> Encoder | None:
         thr = torch.zeros((), dtype=W.dtype, device=W.device)
 
     def enc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.addmm(b, x - b_dec if b_dec is not None else x, W)
+        # x: (..., d_in), possibly strided; the subtraction makes it contiguous
+        x = (x - b_dec if b_dec is not None else x).reshape(-1, W.shape[0])
+        h = torch.addmm(b, x, W)
         return h, h > thr
 
     return enc
@@ -868,12 +874,17 @@ def gather(
     d_model = int(model.cfg.d_model)
     for L in layers:
         d_in = int(saes[L].cfg.d_in)
-        if hook_names[L].endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post")) and d_in != d_model:
+        if (
+            hook_names[L].endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post"))
+            and d_in != d_model
+        ):
             raise ValueError(f"the SAE for layer {L} has d_in={d_in}, but the model's d_model is {d_model}")
 
     key = path = prov = None
     if cache:
-        key, prov = cache_key(model, saes, tokens, pairs=pair_list, top_k=top_k, n_samples=n_samples, seed=seed)
+        key, prov = cache_key(
+            model, saes, tokens, pairs=pair_list, top_k=top_k, n_samples=n_samples, seed=seed
+        )
         path = cache_path(key)
         if path.exists():
             try:
@@ -922,7 +933,9 @@ def _check_tokens(tokens: Any) -> torch.Tensor:
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"tokens must be integer token ids, got {tokens.dtype}")
     if tokens.shape[0] < 1 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens need >= 1 sequence of >= 2 positions (BOS + text), got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens need >= 1 sequence of >= 2 positions (BOS + text), got {tuple(tokens.shape)}"
+        )
     return tokens.to(torch.int64).cpu()
 
 
@@ -952,7 +965,9 @@ def _run(
 
     widths = {L: int(saes[L].cfg.d_sae) for L in layers}
     acc = {L: _LayerAccumulator(widths[L], top_k, n_samples, prio_bits) for L in layers}
-    encoders = {L: (_fast_encoder(saes[L]) if fast_encode else None) or _generic_encoder(saes[L]) for L in layers}
+    encoders = {
+        L: (_fast_encoder(saes[L]) if fast_encode else None) or _generic_encoder(saes[L]) for L in layers
+    }
     coact = {p: np.zeros((widths[p[0]], widths[p[1]]), dtype=np.int64) for p in pairs}
     prod = {p: np.zeros((widths[p[0]], widths[p[1]]), dtype=np.float64) for p in pairs}
     a_side = {p[0] for p in pairs}
@@ -980,11 +995,12 @@ def _run(
         sae_dtype = getattr(saes[layer], "dtype", torch.float32)
 
         def hook(resid: torch.Tensor, hook: Any = None) -> None:
-            x = resid[:, 1:]
-            x = x.reshape(x.shape[0] * x.shape[1], -1).to(sae_dtype)
+            x = resid[:, 1:]  # a strided view; BOS dropped
+            if x.ndim != 3:  # e.g. hook_z (batch, pos, head, d_head): flatten the trailing dims
+                x = x.reshape(x.shape[0], x.shape[1], -1)
             a = acc[layer]
-            a.norm_sum += float(torch.linalg.vector_norm(x, dim=-1).sum(dtype=torch.float64))
-            hidden, mask = encode(x)
+            a.norm_sum += float(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).sum())
+            hidden, mask = encode(x.to(sae_dtype))
             n = hidden.shape[0]
             if hidden.device.type == "cpu":
                 flat = np.flatnonzero(mask.numpy())  # firing entries, row-major = position order
@@ -1019,7 +1035,13 @@ def _run(
 
     fwd_hooks = [(hook_names[L], make_hook(L)) for L in layers]
     seq_pos = torch.arange(1, seq_len)
-    bar = tqdm(total=n_seq * (seq_len - 1), unit="tok", unit_scale=True, desc="gather activations", disable=not progress)
+    bar = tqdm(
+        total=n_seq * (seq_len - 1),
+        unit="tok",
+        unit_scale=True,
+        desc="gather activations",
+        disable=not progress,
+    )
     try:
         with torch.no_grad():
             for start in range(0, n_seq, batch_size):

@@ -102,6 +102,7 @@ __all__ = [
     "claim_l0_explains_early",
     "plot_by_layer",
     "plot_threshold_norm",
+    "plot_norm_dynamics",
     "plot_label_distribution",
     "plot_cost_vs_score",
     "plot_cost_by_label",
@@ -871,32 +872,43 @@ def label_table(judged: pd.DataFrame) -> pd.DataFrame:
 
 
 def persistence_length(
-    table: pd.DataFrame, *, method: str = "exact", metric: str = "matching_score", ratio: float = 0.5
+    table: pd.DataFrame,
+    *,
+    method: str = "exact",
+    metric: str = "matching_score",
+    ratio: float = 0.5,
+    baseline: str | None = "random",
 ) -> pd.Series:
-    """Per start layer: how many layers the score stays at or above ``ratio`` of its one-step value.
+    """Per start layer: for how many layers a match keeps at least ``ratio`` of its one-step quality.
 
-    The length is the largest distance ``d`` such that the score at every distance
-    ``1..d`` is ``>= ratio * score(1)`` (0 if distance 1 is missing or its score is NaN).
+    Quality is the score above chance: ``metric`` minus that of the ``baseline`` method at the
+    same (start, target) when the table has it (the random permutation of
+    :func:`persistence_matchings`), else the raw score. The length is the largest distance
+    ``d`` such that the quality at every distance ``1..d`` is ``>= ratio * quality(1)``
+    (0 if distance 1 is missing or NaN).
 
     Returns
     -------
-    pandas.Series
+    pandas.Series of int
         Indexed by ``start``.
     """
+    p = table.pivot_table(index=["start", "distance"], columns="method", values=metric)
+    if method not in p:
+        return pd.Series(dtype=int, name=f"persistence_{metric}").rename_axis("start")
+    q = p[method] - p[baseline] if (baseline is not None and baseline in p) else p[method]
     out = {}
-    for s, g in table[table["method"] == method].groupby("start"):
-        g = g.sort_values("distance")
-        one = g.loc[g["distance"] == 1, metric]
-        if one.empty or not np.isfinite(one.iloc[0]):
-            out[s] = 0
+    for s, g in q.groupby(level="start"):
+        g = g.droplevel("start").sort_index()
+        if 1 not in g.index or not np.isfinite(g.loc[1]):
+            out[int(s)] = 0
             continue
-        ref = ratio * float(one.iloc[0])
+        ref = ratio * float(g.loc[1])
         length = 0
-        for d, v in zip(g["distance"], g[metric], strict=True):
+        for d, v in g.items():
             if d != length + 1 or not (v >= ref):
                 break
-            length = d
-        out[s] = length
+            length = int(d)
+        out[int(s)] = length
     return pd.Series(out, name=f"persistence_{metric}", dtype=int).rename_axis("start")
 
 
@@ -1354,20 +1366,22 @@ def claim_composition_degrades(table: pd.DataFrame, metric: str = "matching_scor
     return Claim("Hypothesis 3: composed matches degrade with distance vs exact", "SAE Match §3.2, §5.4, Fig. 8", ours, verdict)
 
 
-def claim_persistence(table: pd.DataFrame, metric: str = "matching_score", ratio: float = 0.5, around: int = 5) -> Claim:
+def claim_persistence(
+    table: pd.DataFrame, metric: str = "matching_score", ratio: float = 0.5, around: int = 5, *, method: str = "exact"
+) -> Claim:
     """Fig. 8: features persist (stay significantly matched) for about five layers.
 
-    Rule: the persistence length of :func:`persistence_length` (exact matches, score at least
-    ``ratio`` of its one-step value); held if its median over start layers is at least
+    Rule: the persistence length of :func:`persistence_length` (exact matches keeping at least
+    ``ratio`` of their one-step score above chance); held if its median over start layers is at least
     ``around - 2``, failed if at most 1, mixed otherwise. A length far above ``around`` is
     still "held" (features persist *at least* that long) and the number says so.
     """
-    lengths = persistence_length(table, method="exact", metric=metric, ratio=ratio)
+    lengths = persistence_length(table, method=method, metric=metric, ratio=ratio)
     maxd = int(table["distance"].max()) if len(table) else 0
     med = float(lengths.median()) if len(lengths) else math.nan
-    c = claim_threshold("features persist for about five layers", "SAE Match §5.4, Fig. 8", med,
-                        f"median layers with exact {metric.replace('_', ' ')} ≥ {ratio:.0%} of its 1-step value "
-                        f"(per start: {dict(lengths)}; distances tested up to {maxd})",
+    c = claim_threshold(f"features persist for about five layers ({method} matches)", "SAE Match §5.4, Fig. 8", med,
+                        f"median layers with {method} {metric.replace('_', ' ')} above chance ≥ {ratio:.0%} of its 1-step value "
+                        f"(per start: {({int(k): int(v) for k, v in lengths.items()})}; distances tested up to {maxd})",
                         held_at=around - 2, failed_at=1, fmt=".0f")
     return c
 
@@ -1532,6 +1546,21 @@ def plot_threshold_norm(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return ax, ax2
+
+
+def plot_norm_dynamics(ax: Axes, dyn: pd.DataFrame, title: str = "norm changes from layer t to t+1") -> Axes:
+    """Scatter of the change of ‖h‖ against the change of the matched folded decoder norms (Fig. 1 right).
+
+    One point per pair of layers (:func:`norm_dynamics_table`), labelled with layer t.
+    """
+    ax.scatter(dyn["resid_norm_change"], dyn["matched_dec_norm_change"], s=14)
+    for r in dyn.itertuples():
+        ax.annotate(str(r.layer_a), (r.resid_norm_change, r.matched_dec_norm_change), fontsize=6, alpha=0.7)
+    ax.set_xlabel("Δ mean hidden-state norm ‖h‖ (t → t+1)")
+    ax.set_ylabel("Δ matched folded decoder norm (mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return ax
 
 
 def plot_label_distribution(ax: Axes, counts: pd.DataFrame, *, by: str = "layer_a", title: str = "") -> Axes:

@@ -203,9 +203,11 @@ class _Side:
             raise ValueError("feature vectors contain NaN or Inf")
         self.x = x32.contiguous()  # CPU float32, the vectors whose products define the cost
         # float64 squared norms, as pairwise_cost (in row chunks: no full float64 copy)
-        self.sq = torch.cat(
-            [(self.x[i : i + 8192].double() ** 2).sum(1) for i in range(0, self.x.shape[0], 8192)]
-        ) if self.x.shape[0] else torch.zeros(0, dtype=torch.float64)
+        self.sq = (
+            torch.cat([(self.x[i : i + 8192].double() ** 2).sum(1) for i in range(0, self.x.shape[0], 8192)])
+            if self.x.shape[0]
+            else torch.zeros(0, dtype=torch.float64)
+        )
         self.norm = self.sq.sqrt()
         self.device = device
         self._dev: torch.Tensor | None = None
@@ -268,10 +270,10 @@ def _chunking(m: int, k: int) -> tuple[int, int]:
 
 @dataclass
 class _RowBounds:
-    """Lower bounds on the excluded costs: :math:`C_{ij} \ge A_i + \alpha_j - \sigma_i\beta_j`.
+    """Lower bounds on the excluded costs: :math:`C_{ij} \\ge A_i + \alpha_j - \\sigma_i\beta_j`.
 
     Square mse: :math:`A_i = |a_i|^2/D`, :math:`\alpha_j = |b_j|^2/D`, :math:`\beta_j = 2|b_j|/D`
-    and :math:`\sigma_i` bounds :math:`a_i\cdot b_j/|b_j|` over the excluded columns. Otherwise
+    and :math:`\\sigma_i` bounds :math:`a_i\\cdot b_j/|b_j|` over the excluded columns. Otherwise
     :math:`\alpha = \beta = 0` and :math:`A_i` bounds :math:`C_{ij}` directly.
     """
 
@@ -282,7 +284,7 @@ class _RowBounds:
 
 
 def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower convex hull of the points (x_j, y_j), for :math:`f(s) = \min_j (y_j - s x_j)`.
+    r"""Lower convex hull of the points (x_j, y_j), for :math:`f(s) = \min_j (y_j - s x_j)`.
 
     Returns the hull vertices (x, y, increasing x) and the slopes of the edges between them.
     """
@@ -294,7 +296,7 @@ def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     xs, ys = xs[keep], ys[keep]
     hx: list[float] = []
     hy: list[float] = []
-    for px, py in zip(xs.tolist(), ys.tolist()):
+    for px, py in zip(xs.tolist(), ys.tolist(), strict=True):
         while len(hx) >= 2 and (hx[-1] - hx[-2]) * (py - hy[-2]) - (hy[-1] - hy[-2]) * (px - hx[-2]) <= 0:
             hx.pop()
             hy.pop()
@@ -306,17 +308,19 @@ def _lower_envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _envelope_min(bounds: _RowBounds, v: np.ndarray) -> np.ndarray:
-    """:math:`\min_j (\alpha_j - v_j - \sigma_i \beta_j)` for every row i, exactly, in O((n+m) log m)."""
+    """:math:`\\min_j (\alpha_j - v_j - \\sigma_i \beta_j)` for every row i, exactly, in O((n+m) log m)."""
     hx, hy, slopes = _lower_envelope(bounds.beta, bounds.alpha - v)
     # y - s x is minimised at the vertex whose left edge slope <= s <= right edge slope
     idx = np.searchsorted(slopes, bounds.sigma, side="left")
-    return hy[idx] - bounds.sigma * hx[idx]
+    x_at = hx[idx]
+    # rows with no excluded column left have sigma = -inf: no constraint (and no 0 * inf)
+    return hy[idx] - np.where(x_at == 0, 0.0, bounds.sigma * np.where(x_at == 0, 1.0, x_at))
 
 
 def _candidate_pass(
     ra: _Side, sb: _Side, metric: str, k: int, block_size: int, square_mse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, _RowBounds]:
-    """The k best columns of every row, their float64 costs, and bounds on all other columns.
+    r"""The k best columns of every row, their float64 costs, and bounds on all other columns.
 
     Scores maximised (float32), from the product ``G = A_blk @ B^T`` laid out as in
     pairwise_cost (so the candidate costs are the dense path's numbers):
@@ -446,7 +450,7 @@ def _duals(
     eps: float,
     h: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Column duals :math:`v \le h - \max h` as large as feasible, and row duals :math:`u`, by Bellman-Ford.
+    r"""Column duals :math:`v \le h - \max h` as large as feasible, and row duals :math:`u`, by Bellman-Ford.
 
     Difference constraints :math:`v_j \le v_{\pi(i)} + (c_{ij} - c_{i\pi(i)})` for every
     non-matching candidate edge, and :math:`v_j \le h_j - \max h` (a virtual source joined
@@ -609,7 +613,16 @@ def sparse_match(
     dev = _resolve_device(device)
     sa, sb = _Side(x_a, dev), _Side(x_b, dev)
     out = _sparse_match_sides(
-        sa, sb, metric, int(k), block_size, int(max_rounds), float(tol), dense_fallback, dense_max_bytes, t_start
+        sa,
+        sb,
+        metric,
+        int(k),
+        block_size,
+        int(max_rounds),
+        float(tol),
+        dense_fallback,
+        dense_max_bytes,
+        t_start,
     )
     return out if return_info else out[:2]
 
@@ -632,7 +645,9 @@ def _sparse_match_sides(
     ra, cb = (sb, sa) if transposed else (sa, sb)
     n, m = ra.n, cb.n
     info = SparseMatchInfo(k=min(k, max(m, 1)), transposed=transposed, device=str(sa.device))
-    times = dict.fromkeys(("prepare", "candidates", "solve", "duals", "certificate", "recheck", "fallback"), 0.0)
+    times = dict.fromkeys(
+        ("prepare", "candidates", "solve", "duals", "certificate", "recheck", "fallback"), 0.0
+    )
     info.times = times
     info.violations, info.rows_rechecked, info.dummies_used = [], [], []
     perm_a = np.full(f_a, -1, dtype=np.int64)
@@ -724,14 +739,21 @@ def _sparse_match_sides(
             cost_full, g_full = _full_rows(ra, cb, rows_t, metric)
             # rigorous lower bound: this small product may round differently from the main pass
             if metric == "mse":
-                err = (2 * gam * ra.norm[rows_t][:, None] * cb.norm[None, :] + 1e-12 * (ra.sq[rows_t][:, None] + cb.sq[None, :])) / ra.dim
+                err = (
+                    2 * gam * ra.norm[rows_t][:, None] * cb.norm[None, :]
+                    + 1e-12 * (ra.sq[rows_t][:, None] + cb.sq[None, :])
+                ) / ra.dim
             else:
                 err = torch.full_like(cost_full, 2 * gam + 1e-12)
             lb = cost_full - err
             u_rows = torch.from_numpy(np.where(on_real[rows_np], u[rows_np], big))
             rc = lb - u_rows[:, None] - v_t[None, :]
             loc_r = torch.from_numpy(np.repeat(np.arange(q), ends[s0 : s0 + q] - starts[s0 : s0 + q]))
-            loc_c = torch.from_numpy(np.concatenate([e_col[a:b] for a, b in zip(starts[s0 : s0 + q], ends[s0 : s0 + q])]))
+            loc_c = torch.from_numpy(
+                np.concatenate(
+                    [e_col[a:b] for a, b in zip(starts[s0 : s0 + q], ends[s0 : s0 + q], strict=True)]
+                )
+            )
             rc[loc_r, loc_c] = math.inf
             real_rows = torch.from_numpy(on_real[rows_np])
             n_viol += int(((rc < -tau) & real_rows[:, None]).sum())
@@ -741,7 +763,9 @@ def _sparse_match_sides(
             cc = sel[valid].numpy()
             new_r.append(rr)
             new_c.append(cc)
-            new_cost.append(cost_full[torch.from_numpy(np.searchsorted(rows_np, rr)), torch.from_numpy(cc)].numpy())
+            new_cost.append(
+                cost_full[torch.from_numpy(np.searchsorted(rows_np, rr)), torch.from_numpy(cc)].numpy()
+            )
             # new bounds for these rows, over the columns still excluded
             excl = torch.ones_like(lb, dtype=torch.bool)
             excl[loc_r, loc_c] = False
@@ -749,12 +773,18 @@ def _sparse_match_sides(
             if square_mse:
                 # lb_ij >= A_i + alpha_j - sigma_i beta_j  <=>  sigma_i >= (A_i + alpha_j - lb_ij) / beta_j
                 A_rows = torch.from_numpy(bounds.A[rows_np])
-                need = (A_rows[:, None] + alpha_t[None, :] - lb) / torch.where(beta_t > 0, beta_t, torch.ones_like(beta_t))
+                need = (A_rows[:, None] + alpha_t[None, :] - lb) / torch.where(
+                    beta_t > 0, beta_t, torch.ones_like(beta_t)
+                )
                 need = torch.where(excl & (beta_t > 0)[None, :], need, torch.full_like(need, -math.inf))
                 bounds.sigma[rows_np] = need.amax(1).numpy()
                 zero_b = excl & (beta_t <= 0)[None, :]
                 if bool(zero_b.any()):
-                    gap0 = torch.where(zero_b, lb - alpha_t[None, :], torch.full_like(lb, math.inf)).amin(1).numpy()
+                    gap0 = (
+                        torch.where(zero_b, lb - alpha_t[None, :], torch.full_like(lb, math.inf))
+                        .amin(1)
+                        .numpy()
+                    )
                     bounds.A[rows_np] = np.minimum(bounds.A[rows_np], gap0)
             else:
                 bounds.A[rows_np] = torch.where(excl, lb, torch.full_like(lb, math.inf)).amin(1).numpy()
@@ -906,8 +936,18 @@ def match_stack(
         if not use_sparse:
             kw: dict[str, Any] = {"block_size": block_size} if block_size is not None else {}
             out.append(
-                match(w_prev, w, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, solver="dense",
-                      unmatched_above=unmatched_above, unmatched_quantile=unmatched_quantile, **kw)
+                match(
+                    w_prev,
+                    w,
+                    on=on,
+                    metric=metric,
+                    fold=fold,
+                    include_b_enc=include_b_enc,
+                    solver="dense",
+                    unmatched_above=unmatched_above,
+                    unmatched_quantile=unmatched_quantile,
+                    **kw,
+                )
             )
             prev = None
         else:

@@ -552,6 +552,8 @@ def match(
     unmatched_quantile: float | None = None,
     *,
     block_size: int = 2048,
+    k: int | None = None,
+    device: str | None = None,
 ) -> Matching:
     """Match the features of SAE A to those of SAE B (SAE Match, Balagansky et al. 2025).
 
@@ -578,9 +580,10 @@ def match(
     include_b_enc : bool
         Also compare the (effective, folded) encoder bias.
     solver : {"auto", "dense", "sparse"}
-        ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is dense
-        for now. ``"sparse"`` calls ``featmatch.lap.sparse_match(x_a, x_b, metric=...)``
-        with the (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.
+        ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is sparse
+        when :math:`F_A F_B` exceeds ``featmatch.lap.AUTO_SPARSE_ABOVE`` (4096²), else dense.
+        ``"sparse"`` calls ``featmatch.lap.sparse_match(x_a, x_b, metric=...)`` with the
+        (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.
     unmatched_above : float, optional
         Mark assigned pairs with cost above this value as unmatched (-1).
     unmatched_quantile : float in [0, 1], optional
@@ -588,6 +591,8 @@ def match(
         unmatched (e.g. 0.9 drops the 10% worst). Exclusive with ``unmatched_above``.
     block_size : int
         Rows per block of the cost computation.
+    k, device : optional
+        Passed to the sparse solver (candidates per row; where the product runs).
 
     Returns
     -------
@@ -620,7 +625,12 @@ def match(
     check_same_d_in(wa, wb)
 
     t0 = time.perf_counter()
-    resolved = "dense" if solver == "auto" else solver
+    if solver == "auto":
+        from featmatch.lap import AUTO_SPARSE_ABOVE
+
+        resolved = "sparse" if wa.d_sae * wb.d_sae > AUTO_SPARSE_ABOVE else "dense"
+    else:
+        resolved = solver
     if resolved == "dense":
         cost = cost_matrix(
             wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size
@@ -636,7 +646,8 @@ def match(
             ) from exc
         xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
         xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
-        perm, pair_cost = sparse_match(xa, xb, metric=metric)
+        opts = {key: val for key, val in (("k", k), ("device", device)) if val is not None}
+        perm, pair_cost = sparse_match(xa, xb, metric=metric, **opts)
         perm = np.asarray(perm, dtype=np.int64).copy()
         pair_cost = np.asarray(pair_cost, dtype=np.float64).copy()
     threshold = _mark_unmatched(perm, pair_cost, unmatched_above, unmatched_quantile)

@@ -146,7 +146,9 @@ def resolve_reference(space: str, n_layers: int) -> tuple[str, str]:
         if not 0 <= layer < n_layers:
             raise ValueError(f"reference layer {arg} out of range for a {n_layers}-layer model")
         return space, f"blocks.{layer}.hook_resid_post"
-    raise ValueError(f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'")
+    raise ValueError(
+        f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'"
+    )
 
 
 def _tokens_sha(tokens: torch.Tensor) -> str:
@@ -228,7 +230,9 @@ def reference_spaces(
     for label, (space, pca_k) in specs.items():
         hook = hooks[label]
         name = f"{model_name}|{space}|{hook}|pca={pca_k}|tokens={tsha[:12]}"
-        out[label] = ReferenceSpace.from_hidden(hidden[hook], name=name, pca_k=pca_k, hook_name=hook, tokens_sha=tsha)
+        out[label] = ReferenceSpace.from_hidden(
+            hidden[hook], name=name, pca_k=pca_k, hook_name=hook, tokens_sha=tsha
+        )
     return out
 
 
@@ -341,7 +345,11 @@ def judge_table(verdicts: pd.DataFrame) -> pd.DataFrame:
 
 
 def paper_layout(
-    ours: pd.DataFrame, model_label: str, layers: Sequence[int], value: str = "judge_mean", source: str = "ours"
+    ours: pd.DataFrame,
+    model_label: str,
+    layers: Sequence[int],
+    value: str = "judge_mean",
+    source: str = "ours",
 ) -> pd.DataFrame:
     """The paper's judge table with our numbers beside each analogous pair.
 

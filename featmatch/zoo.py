@@ -440,19 +440,27 @@ def quality_table(profile: str | ZooProfile):
 
 @contextlib.contextmanager
 def _quiet_tqdm(progress: bool) -> Iterator[None]:
-    """Silence tqdm bars created inside (e.g. sae-lens's trainer) unless ``progress``."""
+    """Silence the tqdm bars of sae-lens's trainer and scaler unless ``progress``.
+
+    tqdm reads ``TQDM_*`` environment overrides only at import time, so the bar factory
+    of those modules is swapped for one with ``disable=True`` and restored afterwards.
+    """
     if progress:
         yield
         return
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    import functools
+
+    from sae_lens.training import activation_scaler, sae_trainer
+
+    mods = [m for m in (sae_trainer, activation_scaler) if hasattr(m, "tqdm")]
+    saved = [m.tqdm for m in mods]
+    for m, orig in zip(mods, saved, strict=True):
+        m.tqdm = functools.partial(orig, disable=True)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        for m, orig in zip(mods, saved, strict=True):
+            m.tqdm = orig
 
 
 def _gather(

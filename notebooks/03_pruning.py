@@ -33,7 +33,7 @@ LAYERS = None  # None: every layer of the SAE set
 N_TOKENS = None  # evaluation tokens, every splice runs the full model over them; None: 256 on tiny, else 1024
 SEED = 0
 OUT_DIR = None  # folder for the figures (set by `featmatch run-notebook`)
-LAYER_STEP = None  # evaluate every LAYER_STEP-th layer (plus the last one); None: 7 on tiny, else 3
+LAYER_STEP = None  # evaluate every LAYER_STEP-th layer (plus the last one); None: 10 on tiny, else 4
 HYBRID_LAYERS = None  # None: at 12%, 38% and 77% of the depth, like the paper's 3, 10, 20 of 26
 HYBRID_QS = None  # quantiles q of Eq. 6; None: [0, 0.5, 1] on tiny, else [0, 0.25, 0.5, 0.75, 1]
 BATCH_SIZE = 8  # sequences per forward
@@ -67,7 +67,7 @@ pd.set_option("display.width", 200)
 
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
 N_TOKENS = N_TOKENS or {"tiny": 256}.get(PROFILE, 1024)
-LAYER_STEP = LAYER_STEP or {"tiny": 7}.get(PROFILE, 3)
+LAYER_STEP = LAYER_STEP or {"tiny": 10}.get(PROFILE, 4)
 HYBRID_QS = HYBRID_QS or {"tiny": [0.0, 0.5, 1.0]}.get(PROFILE, [0.0, 0.25, 0.5, 0.75, 1.0])
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
@@ -86,7 +86,7 @@ fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
 fa.plot_by_layer(axes[0], sweep, "delta_ce", x="layer", hue="method", labels=fa.METHOD_LABELS, order=order,
                  title="ΔCE when block t+1 is replaced", xlabel="layer t", ylabel="ΔCE (nats)")
 fa.plot_by_layer(axes[1], sweep, "ev", x="layer", hue="method", labels=fa.METHOD_LABELS, order=order,
-                 title="EV of the predicted h_{t+1}", xlabel="layer t", ylabel="explained variance")
+                 title="EV of the predicted h(t+1)", xlabel="layer t", ylabel="explained variance")
 axes[1].set_ylim(max(-1.0, float(np.nanmin(sweep["ev"])) - 0.05), 1.02)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "03_pruning_per_layer")
@@ -198,7 +198,7 @@ early = pd.DataFrame(
         "l0_t": [l0_stats.l0(t) for t in ev.index],
         "l0_t1": [l0_stats.l0(t + 1) for t in ev.index],
     }
-)
+).reset_index(drop=True)
 early["l0_gap"] = (early["l0_t"] - early["l0_t1"]).abs() / (0.5 * (early["l0_t"] + early["l0_t1"]))
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 fa.plot_by_layer(axes[0], early, "ev_shortfall", x="layer", hue=None, title="EV shortfall of folded EPD vs encode-decode previous",

@@ -1,15 +1,3 @@
-# ---
-# jupyter:
-#   jupytext:
-#     cell_metadata_filter: tags,-all
-#     formats: ipynb,py:percent
-#     notebook_metadata_filter: -all
-#   kernelspec:
-#     display_name: Python 3
-#     language: python
-#     name: python3
-# ---
-
 # %% [markdown]
 # # Semantic optimal transport: matching features by what they fire on
 #
@@ -50,14 +38,14 @@ MODEL = "smollm2-135m"
 SAE_SET = None  # default: the zoo set featmatch-smollm2-{PROFILE}
 PAIRS = None  # default: adjacent mid→mid+1, mid→last, 0→last (paper_pairs)
 REFERENCE = "layer:mid"  # "layer:L", "layer:mid", "final" or "embed"
-PCA_K = 16 if PROFILE == "tiny" else 64  # None: no PCA
-N_SAMPLES = 16 if PROFILE == "tiny" else 32  # samples per feature distribution
-N_TOKENS = 1024 if PROFILE == "tiny" else 16384  # tokens per slice (train slice and eval slice)
+PCA_K = None  # PCA dimensions of the reference space; None: 16 on tiny, else 64; 0: no PCA
+N_SAMPLES = None  # samples per feature distribution; None: 16 on tiny, else 32
+N_TOKENS = None  # tokens per slice (train slice and eval slice); None: 1024 on tiny, else 16384
 METHOD = "exact"  # "exact", "sinkhorn" (slow) or "sliced"
-CANDIDATES = 16  # pairs per feature computed by METHOD (sliced pre-selection); None = all
-N_JUDGE = 16 if PROFILE == "tiny" else 48  # judged features per pair (same features for every method)
-N_APPROX = 300 if PROFILE == "tiny" else 1000  # random pairs for sliced vs exact
-N_APPROX_SINKHORN = 30 if PROFILE == "tiny" else 100  # random pairs for entropic vs exact
+CANDIDATES = 16  # pairs per feature computed by METHOD (sliced pre-selection); None: all pairs
+N_JUDGE = None  # judged features per pair, the same for every method; None: 16 on tiny, else 48
+N_APPROX = None  # random feature pairs for sliced vs exact; None: 300 on tiny, else 1000
+N_APPROX_SINKHORN = None  # random feature pairs for entropic vs exact; None: 30 on tiny, else 60
 SEED = 0
 OUT_DIR = None  # folder for the figures (PNG), None: not saved
 
@@ -66,8 +54,8 @@ OUT_DIR = None  # folder for the figures (PNG), None: not saved
 #
 # | setting | `MODEL` | `SAE_SET` | `PAIRS` | `REFERENCE` |
 # |---|---|---|---|---|
-# | GPT-2 small | `"gpt2-small"` | `"gpt2-small-res-jb"` | `[(5, 6), (5, 11), (0, 11)]` | `"layer:6"` |
-# | Gemma-2-2B | `"gemma-2-2b"` | `"gemma-scope-2b-pt-res-canonical"` | `[(12, 13), (12, 25), (0, 25)]` | `"layer:13"` |
+# | GPT-2 small | `"gpt2-small"` | `"gpt2-small-res-jb"` | `[(5, 6), (5, 11), (0, 11)]` (also the default) | `"layer:mid"` (layer 6) |
+# | Gemma-2-2B | `"gemma-2-2b"` | `"gemma-scope-2b-pt-res-canonical"` | `[(12, 13), (12, 25), (0, 25)]` (also the default) | `"layer:mid"` (layer 13) |
 #
 # e.g. `featmatch run-notebook 04 -p MODEL gpt2-small -p SAE_SET gpt2-small-res-jb -p PAIRS "[(5, 6), (5, 11), (0, 11)]"`.
 # With 24,576 (GPT-2) or 16,384 (Gemma) features, keep `METHOD="exact"` with `CANDIDATES`,
@@ -93,13 +81,23 @@ pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 200)
 T0 = time.perf_counter()
 
+tiny = PROFILE == "tiny"
+PCA_K = (16 if tiny else 64) if PCA_K is None else (PCA_K or None)  # 0 -> None: no PCA
+N_SAMPLES = N_SAMPLES or (16 if tiny else 32)
+N_TOKENS = N_TOKENS or (1024 if tiny else 16384)
+N_JUDGE = N_JUDGE or (16 if tiny else 48)
+N_APPROX = N_APPROX or (300 if tiny else 1000)
+N_APPROX_SINKHORN = N_APPROX_SINKHORN or (30 if tiny else 60)
+
 set_name = SAE_SET or f"featmatch-smollm2-{PROFILE}"
 all_layers = sorted(sae_set(set_name).layers)
 pairs = [tuple(map(int, p)) for p in (PAIRS if PAIRS is not None else R.paper_pairs(all_layers))]
 layers = sorted({layer for p in pairs for layer in p})
 setup = load_setup(MODEL, set_name, layers=layers, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 model_label = f"{MODEL} ({set_name})"
-print(f"{model_label}: pairs {pairs}; {setup.tokens.shape[0]} eval sequences x {setup.tokens.shape[1]} tokens")
+print(
+    f"{model_label}: pairs {pairs}; {setup.tokens.shape[0]} eval sequences x {setup.tokens.shape[1]} tokens"
+)
 
 # %% [markdown]
 # ## Two token slices: distributions from one, scores on the other
@@ -117,7 +115,9 @@ stats_fit = gather(setup.model, setup.saes, tokens_fit, n_samples=N_SAMPLES, see
 stats_eval = setup.stats(pairs=pairs, n_samples=8, seed=SEED, progress=False)
 n_layers = int(setup.model.cfg.n_layers)
 _, ref_hook = R.resolve_reference(REFERENCE, n_layers)
-print(f"fit slice: {stats_fit.n_tokens} positions; eval slice: {stats_eval.n_tokens} positions; reference {ref_hook}")
+print(
+    f"fit slice: {stats_fit.n_tokens} positions; eval slice: {stats_eval.n_tokens} positions; reference {ref_hook}"
+)
 
 # %% [markdown]
 # ## Reference spaces
@@ -142,9 +142,12 @@ if ref.explained_variance_ratio is not None:
     print(f"{MAIN_SPACE}: the PCA keeps {ref.explained_variance_ratio.sum():.1%} of the variance")
 
 
-def distributions(space):
-    """Feature distributions of every layer in one reference space."""
-    return {layer: S.FeatureDistributions.from_stats(stats_fit, layer, space, n=N_SAMPLES, seed=SEED) for layer in layers}
+def distributions(space, use_layers=layers):
+    """Feature distributions of the given layers in one reference space."""
+    return {
+        layer: S.FeatureDistributions.from_stats(stats_fit, layer, space, n=N_SAMPLES, seed=SEED)
+        for layer in use_layers
+    }
 
 
 dists = distributions(ref)
@@ -168,6 +171,7 @@ pd.DataFrame(
 # distance, then the assignment (one-to-one) and the top-1 (many-to-one). Feature Flow is
 # the top-1 decoder cosine (many-to-one). SAE Match is the folded encoder+decoder
 # assignment (one-to-one).
+
 
 # %%
 def semantic_matchings(a, b):
@@ -195,8 +199,12 @@ scores
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-R.plot_method_scores(axes[0], scores, "matching_score", "matching score P(f_B>0 | f_A>0)", "Matching score (eval slice)")
-R.plot_method_scores(axes[1], scores, "correlation", "Pearson correlation", "Activation correlation (eval slice)")
+R.plot_method_scores(
+    axes[0], scores, "matching_score", "matching score P(f_B>0 | f_A>0)", "Matching score (eval slice)"
+)
+R.plot_method_scores(
+    axes[1], scores, "correlation", "Pearson correlation", "Activation correlation (eval slice)"
+)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "04_method_scores")
 plt.show()
@@ -256,7 +264,9 @@ layout = R.paper_layout(judged, model_label, all_layers, source=f"ours ({judge.n
 layout
 
 # %%
-wide_scores = scores.pivot_table(index="pair", columns="method", values=["matching_score", "correlation"], sort=False)
+wide_scores = scores.pivot_table(
+    index="pair", columns="method", values=["matching_score", "correlation"], sort=False
+)
 wide_scores.round(3)
 
 # %% [markdown]
@@ -275,7 +285,7 @@ for label, space in spaces.items():
     if space is ref:
         m = main
     else:
-        d = distributions(space)
+        d = distributions(space, (la, lb))
         m = semantic_matchings(d[la], d[lb])[0]
     both = (m.perm >= 0) & (main.perm >= 0)
     rows.append(
@@ -284,20 +294,36 @@ for label, space in spaces.items():
             "k": space.k,
             "matching_score": float(np.nanmean(stats_eval.pair_score(la, lb, m))),
             "correlation": float(np.nanmean(stats_eval.pair_corr(la, lb, m))),
-            "agreement_with_default": float((m.perm[both] == main.perm[both]).mean()) if both.any() else float("nan"),
+            "agreement_with_default": float((m.perm[both] == main.perm[both]).mean())
+            if both.any()
+            else float("nan"),
         }
     )
 space_table = pd.DataFrame(rows)
-baseline_best = scores[(scores.pair == f"{la}→{lb}") & scores.method.isin(["Feature Flow", "SAE Match"])].matching_score.max()
+baseline_best = scores[
+    (scores.pair == f"{la}→{lb}") & scores.method.isin(["Feature Flow", "SAE Match"])
+].matching_score.max()
 space_table["beats_best_baseline"] = space_table.matching_score > baseline_best
 space_table
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
-R.plot_reference_spaces(axes[0], space_table, "matching_score", "matching score (eval slice)", f"Semantic OT {la}→{lb} by reference space")
+R.plot_reference_spaces(
+    axes[0],
+    space_table,
+    "matching_score",
+    "matching score (eval slice)",
+    f"Semantic OT {la}→{lb} by reference space",
+)
 axes[0].axvline(baseline_best, color="k", ls="--", lw=1, label="best baseline")
 axes[0].legend(fontsize="small")
-R.plot_reference_spaces(axes[1], space_table, "agreement_with_default", "share of features with the same partner", "Agreement with the default space")
+R.plot_reference_spaces(
+    axes[1],
+    space_table,
+    "agreement_with_default",
+    "share of features with the same partner",
+    "Agreement with the default space",
+)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "04_reference_spaces")
 plt.show()
@@ -322,21 +348,41 @@ plt.show()
 # %%
 a, b = dists[la], dists[lb]
 rep_sliced = S.approximation_report(
-    a, b, [("sliced", {"n_projections": 64}), ("sliced", {"n_projections": 256})],
-    n_pairs=N_APPROX, n_rows=8, recall_at=CANDIDATES or 16, seed=SEED,
+    a,
+    b,
+    [("sliced", {"n_projections": 64}), ("sliced", {"n_projections": 256})],
+    n_pairs=N_APPROX,
+    n_rows=8,
+    recall_at=CANDIDATES or 16,
+    seed=SEED,
 )
 rep_sinkhorn = S.approximation_report(
     a, b, [("sinkhorn", {"reg": 0.05}), ("sinkhorn", {"reg": 0.01})], n_pairs=N_APPROX_SINKHORN, seed=SEED
 )
 approx = pd.concat([rep_sliced, rep_sinkhorn], ignore_index=True)
-approx[["method", "params", "n_pairs", "spearman", "rel_error_median", "scaled_rel_error_median", "scale",
-        "seconds_per_pair", "exact_seconds_per_pair", "top1_agreement", "recall_at_c"]]
+approx[
+    [
+        "method",
+        "params",
+        "n_pairs",
+        "spearman",
+        "rel_error_median",
+        "scaled_rel_error_median",
+        "scale",
+        "seconds_per_pair",
+        "exact_seconds_per_pair",
+        "top1_agreement",
+        "recall_at_c",
+    ]
+]
 
 # %%
 sample = R.approximation_sample(
     a, b, {"sliced (L=256)": ("sliced", {"n_projections": 256, "seed": SEED})}, n_pairs=N_APPROX, seed=SEED
 )
-sample_sk = R.approximation_sample(a, b, {"sinkhorn (reg=0.05)": ("sinkhorn", {"reg": 0.05})}, n_pairs=N_APPROX_SINKHORN, seed=SEED)
+sample_sk = R.approximation_sample(
+    a, b, {"sinkhorn (reg=0.05)": ("sinkhorn", {"reg": 0.05})}, n_pairs=N_APPROX_SINKHORN, seed=SEED
+)
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 R.plot_approximation(axes[0], sample, "sliced (L=256)", rho=float(rep_sliced.spearman.iloc[1]))
 R.plot_approximation(axes[1], sample_sk, "sinkhorn (reg=0.05)", rho=float(rep_sinkhorn.spearman.iloc[0]))
@@ -368,7 +414,10 @@ for r in dis.itertuples():
     print(f"\n=== layer {la} feature {r.feature_a} ({r.fires} firings; better partner: {better}) ===")
     for ctx in texts.examples(la, r.feature_a):
         print("   A   ", ctx)
-    for who, fb, sc in (("Semantic OT", r.b_first, r.score_first), ("Feature Flow", r.b_second, r.score_second)):
+    for who, fb, sc in (
+        ("Semantic OT", r.b_first, r.score_first),
+        ("Feature Flow", r.b_second, r.score_second),
+    ):
         print(f"  {who} → layer {lb} feature {fb} (matching score {sc:.2f})")
         for ctx in texts.examples(lb, fb):
             print("       ", ctx)
@@ -386,6 +435,7 @@ for r in dis.itertuples():
 #   ≥ 0.95 against exact, failed if none does, mixed otherwise.
 # * **Reference space**: held if the Semantic OT matching score beats the best baseline in
 #   every reference space, failed if in none, mixed otherwise.
+
 
 # %%
 def fmt(table, value):
@@ -418,14 +468,20 @@ claims = [
     Claim(
         "Sliced W2 ranks pairs of real features like exact W2 (Spearman ≥ 0.95)",
         "featmatch issue 6 (goal)",
-        "; ".join(f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.2f} "
-                  f"({r.scaled_rel_error_median:.2f} after scale)" for r in sl.itertuples()),
+        "; ".join(
+            f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.2f} "
+            f"({r.scaled_rel_error_median:.2f} after scale)"
+            for r in sl.itertuples()
+        ),
         R.threshold_verdict(sl.spearman, 0.95),
     ),
     Claim(
         "Entropic W2 ranks pairs of real features like exact W2 (Spearman ≥ 0.95)",
         "featmatch issue 6 (goal)",
-        "; ".join(f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.3f}" for r in sk.itertuples()),
+        "; ".join(
+            f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.3f}"
+            for r in sk.itertuples()
+        ),
         R.threshold_verdict(sk.spearman, 0.95),
     ),
     Claim(
@@ -439,6 +495,17 @@ claims = [
 claims_table(claims)
 
 # %%
+for value, name in (
+    ("judge_mean", f"judge ({judge.name})"),
+    ("matching_score", "matching score"),
+    ("correlation", "correlation"),
+):
+    table = judged if value == "judge_mean" else scores
+    won = R.beats(table, value)
+    print(
+        f"{name}: Semantic OT beats both baselines on {int(won.sum())} of {len(won)} pairs"
+        + (f" ({', '.join(won.index[won])})" if won.any() else "")
+    )
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
 
 # %% [markdown]

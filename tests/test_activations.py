@@ -62,7 +62,18 @@ def brute_topk(a, gpos, k):
 
 @pytest.fixture(scope="module")
 def stats(model, saes, tokens):
-    return gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, batch_size=3, cache=False, progress=False)
+    return gather(
+        model,
+        saes,
+        tokens,
+        pairs=PAIRS,
+        top_k=5,
+        n_samples=6,
+        seed=3,
+        batch_size=3,
+        cache=False,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +159,30 @@ def test_position_zero_excluded(stats, model, saes, tokens):
 
 def test_streaming_equals_single_batch(model, saes, tokens, stats, monkeypatch):
     monkeypatch.setattr(act._BestK, "merge_min", 1)  # merge every batch
-    many = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, batch_size=2, cache=False, progress=False)
-    one = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, batch_size=100, cache=False, progress=False)
+    many = gather(
+        model,
+        saes,
+        tokens,
+        pairs=PAIRS,
+        top_k=5,
+        n_samples=6,
+        seed=3,
+        batch_size=2,
+        cache=False,
+        progress=False,
+    )
+    one = gather(
+        model,
+        saes,
+        tokens,
+        pairs=PAIRS,
+        top_k=5,
+        n_samples=6,
+        seed=3,
+        batch_size=100,
+        cache=False,
+        progress=False,
+    )
     for L in stats.layers:
         for name in ("top_positions", "top_values"):
             np.testing.assert_array_equal(getattr(many, name)[L], getattr(stats, name)[L])
@@ -251,7 +284,18 @@ def test_fast_encoder_matches_sae_encode(brute, model, saes, tokens):
             hidden, mask = enc(x.clone())
         assert torch.equal(mask, ref > 0)
         torch.testing.assert_close(act._dense(hidden, mask), ref, rtol=1e-6, atol=1e-6)
-    slow = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, cache=False, progress=False, fast_encode=False)
+    slow = gather(
+        model,
+        saes,
+        tokens,
+        pairs=PAIRS,
+        top_k=5,
+        n_samples=6,
+        seed=3,
+        cache=False,
+        progress=False,
+        fast_encode=False,
+    )
     fast = gather(model, saes, tokens, pairs=PAIRS, top_k=5, n_samples=6, seed=3, cache=False, progress=False)
     for L in saes:
         np.testing.assert_array_equal(slow.fire_count[L], fast.fire_count[L])
@@ -279,7 +323,9 @@ def test_pair_score_and_corr(stats, brute):
     # the reversed pair (2, 0) was gathered; (0, 2) reads its transpose
     perm2 = rng.permutation(32)
     c = acts[2][0]
-    expect = np.array([((c[a[:, i] > 0, perm2[i]] > 0).mean() if (a[:, i] > 0).any() else np.nan) for i in range(32)])
+    expect = np.array(
+        [((c[a[:, i] > 0, perm2[i]] > 0).mean() if (a[:, i] > 0).any() else np.nan) for i in range(32)]
+    )
     np.testing.assert_allclose(stats.pair_score(0, 2, perm2), expect)
     with pytest.raises(KeyError, match="pairs"):
         stats.pair_score(0, 0, perm2)
@@ -369,7 +415,12 @@ def test_cache_hit_skips_forward(model, saes, tokens, tmp_cache, monkeypatch):
     other = dict(saes)
     other[2] = jumprelu_sae(seed=77, hook_name="blocks.2.hook_resid_post")
     assert act.cache_key(model, other, tokens, pairs=[(0, 1)], top_k=4, n_samples=3)[0] != k0
-    assert act.cache_key(tiny_model(n_layers=N_LAYERS, seed=1), saes, tokens, pairs=[(0, 1)], top_k=4, n_samples=3)[0] != k0
+    assert (
+        act.cache_key(
+            tiny_model(n_layers=N_LAYERS, seed=1), saes, tokens, pairs=[(0, 1)], top_k=4, n_samples=3
+        )[0]
+        != k0
+    )
 
 
 def test_corrupt_cache_is_recomputed(model, saes, tokens, tmp_cache):

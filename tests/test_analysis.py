@@ -485,3 +485,21 @@ def test_plots_draw_labelled_axes():
     for a in ax[:7]:
         assert a.get_xlabel() and a.get_ylabel(), a
     plt.close(fig)
+
+
+def test_plot_norm_dynamics():
+    fig, ax = plt.subplots()
+    dyn = pd.DataFrame({"layer_a": [0, 1], "layer_b": [1, 2], "resid_norm_change": [1.0, 2.0], "matched_dec_norm_change": [0.1, 0.3]})
+    A.plot_norm_dynamics(ax, dyn)
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    plt.close(fig)
+
+
+def test_persistence_length_above_chance():
+    exact = [0.8, 0.7, 0.6, 0.5]
+    rand = [0.2, 0.3, 0.5, 0.5]  # margins 0.6, 0.4, 0.1, 0.0 -> half of 0.6 is kept for 2 layers
+    t = pd.DataFrame(
+        {"start": 3, "distance": [1, 2, 3, 4] * 2, "method": ["exact"] * 4 + ["random"] * 4, "matching_score": exact + rand}
+    )
+    assert A.persistence_length(t).loc[3] == 2
+    assert A.persistence_length(t, baseline=None).loc[3] == 4
