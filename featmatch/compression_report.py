@@ -99,7 +99,7 @@ TIES: dict[str, float] = {
 #: "take it from here"). ``tiny`` is sized for CI (about a minute of compute), ``quick``
 #: for the book on two shared CPU cores.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"LAYERS": [2, 4, 6], "N_PROMPTS": 4, "NODE_BUDGET": 24, "N_ACC": 4, "N_TOKENS": 1024},
+    "tiny": {"LAYERS": [2, 4, 6], "N_PROMPTS": 4, "NODE_BUDGET": 20, "N_ACC": 4, "N_TOKENS": 1024},
     "quick": {"LAYERS": [6, 12, 18, 24], "N_PROMPTS": 8, "NODE_BUDGET": 40, "N_ACC": 16, "N_TOKENS": 2048},
     "full": {
         "LAYERS": [3, 6, 9, 12, 15, 18, 21, 24, 27],
