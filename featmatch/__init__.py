@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover
     __version__ = "0.1.0"
 
-__all__ = ["fold", "load_sae", "weights", "match", "compose", "paths", "Matching", "__version__"]
+__all__ = ["fold", "load_sae", "weights", "match", "match_stack", "compose", "paths", "Matching", "__version__"]
 
 _LAZY = {
     "fold": "featmatch.saes",
@@ -33,9 +33,11 @@ _LAZY = {
     "compose": "featmatch.matching",
     "paths": "featmatch.matching",
     "Matching": "featmatch.matching",
+    "match_stack": "featmatch.lap",
 }
 
 if TYPE_CHECKING:
+    from featmatch.lap import match_stack
     from featmatch.matching import Matching, compose, match, paths
     from featmatch.saes import fold, load_sae, weights
 
