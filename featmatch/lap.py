@@ -167,6 +167,8 @@ class SparseMatchInfo:
     transposed: bool = False
     device: str = "cpu"
     times: dict[str, float] | None = None
+    path: str = "core"
+    core_rows: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy."""
@@ -184,6 +186,8 @@ class SparseMatchInfo:
             "transposed": self.transposed,
             "device": self.device,
             "times": {k: round(v, 4) for k, v in (self.times or {}).items()},
+            "path": self.path,
+            "core_rows": list(self.core_rows or []),
         }
 
 
@@ -198,16 +202,16 @@ class _Side:
     def __init__(self, x: torch.Tensor, device: torch.device) -> None:
         if x.ndim != 2:
             raise ValueError(f"feature vectors must be 2-D (F, D); got shape {tuple(x.shape)}")
-        x32 = x.detach().to("cpu", torch.float32)
-        if not torch.isfinite(x32).all():
-            raise ValueError("feature vectors contain NaN or Inf")
-        self.x = x32.contiguous()  # CPU float32, the vectors whose products define the cost
+        self.x = x.detach().to("cpu", torch.float32).contiguous()  # the vectors whose products define the cost
         # float64 squared norms, as pairwise_cost (in row chunks: no full float64 copy)
         self.sq = (
-            torch.cat([(self.x[i : i + 8192].double() ** 2).sum(1) for i in range(0, self.x.shape[0], 8192)])
+            torch.cat([self.x[i : i + 8192].double().pow_(2).sum(1) for i in range(0, self.x.shape[0], 8192)])
             if self.x.shape[0]
             else torch.zeros(0, dtype=torch.float64)
         )
+        # a NaN/Inf entry makes its row's float64 sum of squares NaN/Inf (float32 squares cannot overflow it)
+        if not bool(torch.isfinite(self.sq).all()):
+            raise ValueError("feature vectors contain NaN or Inf")
         self.norm = self.sq.sqrt()
         self.device = device
         self._dev: torch.Tensor | None = None
@@ -362,7 +366,13 @@ def _candidate_pass(
         g = gbuf[:r]
         torch.mm(a_rows[i0:i1], bt, out=g)
         score = sbuf[:r]
-        if metric == "mse" and not square_mse:
+        if square_mse:
+            # the inner product itself (the cost up to row and column constants)
+            if m_pad == m:
+                score = g
+            else:
+                score[:, :m].copy_(g)
+        elif metric == "mse":
             torch.sub(g, half_sq32, out=score[:, :m])
         else:
             torch.mul(g, inv_b32, out=score[:, :m])
@@ -388,11 +398,11 @@ def _candidate_pass(
     if k >= m:
         return cols_out, costs, _RowBounds(np.full(n, np.inf), np.zeros(n), zeros_m, zeros_m)
     if square_mse:
-        # score = fl(G fl(1/|b|)): |G/|b|| <= |a|, relative error <= 3u (+ f64 noise)
-        sigma = sk + 3.01 * _U32 * nrm_a
+        # score = fl(G) itself, the very numbers the costs are made of: every excluded pair has
+        # G_ij <= s_i, so C_ij >= (|a_i|^2 + |b_j|^2 - 2 s_i)/D (+ float64 rounding)
         bmax2 = float(sb.sq.max())
-        A = sq_a / dim - 1e-12 * (sq_a + bmax2) / dim
-        return cols_out, costs, _RowBounds(A, sigma, sb.sq.numpy() / dim, 2.0 * sb.norm.numpy() / dim)
+        A = (sq_a - 2.0 * sk) / dim - 1e-12 * (sq_a + bmax2 + 2.0 * np.abs(sk)) / dim
+        return cols_out, costs, _RowBounds(A, np.zeros(n), sb.sq.numpy() / dim, zeros_m)
     if metric == "mse":
         # score = fl(G - fl(|b|^2/2)): error <= u|b|^2/2 + u(|G| + |b|^2/2) <= u(max|b|^2 + |a| max|b|)
         bmax = float(sb.norm.max())
@@ -498,6 +508,219 @@ def _duals(
 
 
 # --------------------------------------------------------------------------------------
+# Fast path: fixed mutual-best pairs + a dense exact core + price-ordered certificate
+# --------------------------------------------------------------------------------------
+
+
+def _eff_block(ra: _Side, cb: _Side, rows: np.ndarray, cols: np.ndarray, metric: str, alpha: np.ndarray) -> torch.Tensor:
+    """Effective costs ``C[rows][:, cols] - alpha[cols]`` (float64, CPU) from one float32 product."""
+    dev = ra.device
+    r_t = torch.from_numpy(rows)
+    c_t = torch.from_numpy(cols)
+    g = (ra.rows()[r_t.to(dev)] @ cb.rows()[c_t.to(dev)].T).cpu()
+    e = _costs_from_g(g, ra.sq[r_t][:, None], cb.sq[c_t][None, :], metric, ra.dim)
+    if alpha.any():
+        e -= torch.from_numpy(alpha[cols])[None, :]
+    return e
+
+
+def _core_solve(
+    ra: _Side,
+    cb: _Side,
+    metric: str,
+    cols: np.ndarray,
+    ec: np.ndarray,
+    ell: np.ndarray,
+    alpha: np.ndarray,
+    tau: float,
+    max_rounds: int,
+    core_max_entries: float,
+    info: SparseMatchInfo,
+    times: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    r"""Exact assignment with a certificate, fast when most features have an obvious partner.
+
+    Works on the *effective* costs :math:`e_{ij} = C_{ij} - \alpha_j` (:math:`\alpha_j =
+    |b_j|^2/D` for square mse, else 0; a full assignment uses every column once, so the
+    optimum is the same). ``cols``/``ec`` are the candidates and their effective costs,
+    ``ell[i]`` a lower bound on :math:`e_{ij}` for every column not in ``cols[i]``.
+
+    1. *Fixed pairs*: mutual best candidates (row i's cheapest candidate is j and no other row
+       lists j more cheaply). Everything else is the *core*: rows :math:`R`, and all columns
+       :math:`C` not taken by a fixed pair.
+    2. The core is solved **exactly and densely**: its :math:`|R|\times|C|` costs are one small
+       product, and scipy ``linear_sum_assignment`` solves it.
+    3. Duals. Core columns: the largest feasible :math:`v \le 0` on the dense core (label
+       correcting, :math:`v_j \leftarrow \min(v_j, \min_i e_{ij} - u_i)`). Fixed columns: the
+       *smallest* feasible values (highest prices), :math:`v_{\pi(r)} = \max(V - g_r,
+       \max_{l} v_l - (e_{rl} - e_{r\pi(r)}))` with :math:`g_r = \ell_r - e_{r\pi(r)}` and
+       :math:`V = \max v`, so that other rows are least tempted by taken columns.
+       :math:`u_i = e_{i\pi(i)} - v_{\pi(i)}` makes every matched edge tight.
+    4. Certificate for **every pair**: known edges (candidates, the dense core) directly; an
+       excluded pair (i, j) has :math:`e_{ij} - u_i - v_j \ge \ell_i - u_i - v_j`, which is
+       :math:`\ge -\tau` unless :math:`v_j > \theta_i = \ell_i - u_i + \tau`. With the columns
+       sorted by :math:`v`, the columns a row must check exactly are a prefix; rows with a
+       non-empty prefix get exactly that prefix recomputed (one small product).
+    5. Violations move their rows (and the owners of their columns) into the core; repeat.
+
+    Returns the matching (column per row) and its effective costs, or None (core too large, or not certified in
+    ``max_rounds``; the caller then runs the general sparse loop).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, m = ra.n, cb.n
+    kk = cols.shape[1]
+    ar = np.arange(n)
+    best = ec.argmin(1)
+    bcol = cols[ar, best]
+    bval = ec[ar, best]
+    colmin = torch.full((m,), math.inf, dtype=torch.float64)
+    colmin.scatter_reduce_(0, torch.from_numpy(cols.reshape(-1)), torch.from_numpy(ec.reshape(-1)), "amin")
+    mutual = np.flatnonzero(bval <= colmin.numpy()[bcol])
+    _, first = np.unique(bcol[mutual], return_index=True)
+    fixed_rows = np.zeros(n, dtype=bool)
+    fixed_rows[mutual[first]] = True
+    owner = np.full(m, -1, dtype=np.int64)  # fixed row owning each column
+    owner[bcol[fixed_rows]] = np.flatnonzero(fixed_rows)
+    eps = 1e-15 * max(float(np.abs(ec).max()) if ec.size else 1.0, 1e-300) + 1e-300
+    info.core_rows = []
+    for rnd in range(1, max_rounds + 1):
+        info.rounds = rnd
+        R = np.flatnonzero(~fixed_rows)
+        C = np.flatnonzero(owner < 0)
+        info.core_rows.append(int(R.size))
+        info.dummies_used.append(0)
+        if float(R.size) * float(C.size) > core_max_entries:
+            return None
+        # ---- dense exact core ------------------------------------------------------------
+        t = time.perf_counter()
+        E = _eff_block(ra, cb, R, C, metric, alpha) if R.size else torch.zeros(0, C.size, dtype=torch.float64)
+        times["core"] += time.perf_counter() - t
+        t = time.perf_counter()
+        match_col = np.full(n, -1, dtype=np.int64)
+        e_match = np.empty(n)
+        F = np.flatnonzero(fixed_rows)
+        match_col[F] = bcol[F]
+        e_match[F] = bval[F]
+        if R.size:
+            E_np = E.numpy()
+            r_i, c_i = linear_sum_assignment(E_np)
+            pc = np.empty(R.size, dtype=np.int64)
+            pc[r_i] = c_i
+            match_col[R] = C[pc]
+            e_match[R] = E_np[np.arange(R.size), pc]
+        times["solve"] += time.perf_counter() - t
+        # ---- duals ------------------------------------------------------------------------
+        t = time.perf_counter()
+        v = np.zeros(m)
+        if R.size:
+            vC = torch.zeros(C.size, dtype=torch.float64)
+            pc_t = torch.from_numpy(pc)
+            eR = torch.from_numpy(e_match[R])
+            for _ in range(4 * C.size + 10):
+                uR = eR - vC[pc_t]
+                new = torch.minimum(vC, (E - uR[:, None]).amin(0))
+                if not bool((new < vC - eps).any()):
+                    break
+                vC = new
+            else:
+                times["duals"] += time.perf_counter() - t
+                return None
+            v[C] = vC.numpy()
+        V = float(v.max()) if m else 0.0
+        if F.size:
+            fc = bcol[F]
+            v[fc] = V - (ell[F] - bval[F])
+            # longest-path sweeps over the fixed rows' candidate edges (prices as high as allowed)
+            src = cols[F].reshape(-1)
+            dst = np.repeat(fc, kk)
+            w = (ec[F] - bval[F][:, None]).reshape(-1)
+            keep = src != dst
+            src_t, dst_t, w_t = torch.from_numpy(src[keep]), torch.from_numpy(dst[keep]), torch.from_numpy(w[keep])
+            v_t = torch.from_numpy(v)
+            for _ in range(200):
+                new = v_t.clone()
+                new.scatter_reduce_(0, dst_t, v_t[src_t] - w_t, "amax", include_self=True)
+                if not bool((new > v_t + eps).any()):
+                    break
+                v_t = new
+            else:
+                times["duals"] += time.perf_counter() - t
+                return None
+            v = v_t.numpy().copy()
+        u = e_match - v[match_col]
+        times["duals"] += time.perf_counter() - t
+        # ---- certificate: known edges ------------------------------------------------------
+        t = time.perf_counter()
+        in_core_col = owner < 0
+        rc = ec - u[:, None] - v[cols]
+        known_elsewhere = (~fixed_rows)[:, None] & in_core_col[cols]
+        bad = (rc < -tau) & ~known_elsewhere
+        vr, vc_ = np.nonzero(bad)
+        viol_rows = [vr]
+        viol_cols = [cols[vr, vc_]]
+        if R.size:
+            rcE = E - torch.from_numpy(u[R])[:, None] - torch.from_numpy(v[C])[None, :]
+            br, bc = torch.nonzero(rcE < -tau, as_tuple=True)
+            viol_rows.append(R[br.numpy()])
+            viol_cols.append(C[bc.numpy()])
+        times["certificate"] += time.perf_counter() - t
+        # ---- certificate: excluded pairs, exactly where the bound cannot clear them ------------
+        t = time.perf_counter()
+        theta = ell - u + tau
+        n_checked = 0
+        for rows_grp, col_pool in ((F, np.arange(m)), (R, np.flatnonzero(~in_core_col))):
+            if rows_grp.size == 0 or col_pool.size == 0:
+                continue
+            order = col_pool[np.argsort(-v[col_pool], kind="stable")]
+            v_sorted_neg = -v[order]
+            p = np.searchsorted(v_sorted_neg, -theta[rows_grp], side="left")  # #cols with v > theta
+            need = np.flatnonzero(p > 0)
+            if need.size == 0:
+                continue
+            rows_need = rows_grp[need]
+            p_need = p[need]
+            srt = np.argsort(-p_need, kind="stable")
+            rows_need, p_need = rows_need[srt], p_need[srt]
+            n_checked += int(rows_need.size)
+            pos = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+            pos[order] = np.arange(order.size)
+            s0 = 0
+            while s0 < rows_need.size:
+                pmax = int(p_need[s0])
+                nr = max(1, min(rows_need.size - s0, (1 << 23) // max(pmax, 1)))
+                rws = rows_need[s0 : s0 + nr]
+                cset = order[:pmax]
+                e_blk = _eff_block(ra, cb, rws, cset, metric, alpha)
+                rcb = e_blk - torch.from_numpy(u[rws])[:, None] - torch.from_numpy(v[cset])[None, :]
+                # only the prefix of each row, and not its candidates (checked above)
+                jj = torch.arange(pmax)
+                mask = jj[None, :] >= torch.from_numpy(p_need[s0 : s0 + nr])[:, None]
+                cp = torch.from_numpy(pos[cols[rws]])
+                cp_ok = cp < pmax
+                rr = torch.arange(nr)[:, None].expand_as(cp)
+                mask[rr[cp_ok], cp[cp_ok]] = True
+                rcb[mask] = math.inf
+                br, bc = torch.nonzero(rcb < -tau, as_tuple=True)
+                viol_rows.append(rws[br.numpy()])
+                viol_cols.append(cset[bc.numpy()])
+                s0 += nr
+        times["recheck"] += time.perf_counter() - t
+        info.rows_rechecked.append(n_checked)
+        vrows = np.concatenate(viol_rows)
+        vcols = np.concatenate(viol_cols)
+        info.violations.append(int(vrows.size))
+        if vrows.size == 0:
+            return match_col, e_match
+        # ---- grow the core -----------------------------------------------------------------
+        move = np.unique(np.concatenate([vrows, owner[vcols][owner[vcols] >= 0]]))
+        move = move[fixed_rows[move]]
+        owner[match_col[move]] = -1
+        fixed_rows[move] = False
+    return None
+
+
+# --------------------------------------------------------------------------------------
 # The solver
 # --------------------------------------------------------------------------------------
 
@@ -506,6 +729,19 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _core_budget(core_max_entries: float | None) -> float:
+    """Largest dense core (entries) the fast path may build: ~10% of available RAM in float64."""
+    if core_max_entries is not None:
+        return float(core_max_entries)
+    try:
+        import psutil
+
+        avail = float(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover
+        avail = 4e9
+    return max(1e6, 0.1 * avail / 8.0)
 
 
 def _dense_fits(n: int, m: int, limit_bytes: float | None) -> bool:
@@ -638,6 +874,8 @@ def _sparse_match_sides(
     dense_fallback: bool,
     dense_max_bytes: float | None,
     t_start: float,
+    use_core: bool = True,
+    core_max_entries: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
     """:func:`sparse_match` on prepared sides (shared with :func:`match_stack`)."""
     f_a, f_b = sa.n, sb.n
@@ -646,7 +884,7 @@ def _sparse_match_sides(
     n, m = ra.n, cb.n
     info = SparseMatchInfo(k=min(k, max(m, 1)), transposed=transposed, device=str(sa.device))
     times = dict.fromkeys(
-        ("prepare", "candidates", "solve", "duals", "certificate", "recheck", "fallback"), 0.0
+        ("prepare", "candidates", "core", "solve", "duals", "certificate", "recheck", "fallback"), 0.0
     )
     info.times = times
     info.violations, info.rows_rechecked, info.dummies_used = [], [], []
@@ -681,8 +919,28 @@ def _sparse_match_sides(
     gam = _gamma(ra.dim)
     match_col = np.zeros(n, dtype=np.int64)
     certified = False
-    for rnd in range(1, max_rounds + 1):
-        info.rounds = rnd
+    # ---- fast path: fixed mutual-best pairs, dense exact core, price-ordered certificate ----
+    alpha = bounds.alpha
+    cols_np = cols.numpy()
+    core_match = None
+    if use_core:
+        ec = costs.numpy() - alpha[cols_np] if alpha.any() else costs.numpy()
+        core_match = _core_solve(
+            ra, cb, metric, cols_np, ec, bounds.A.copy(), alpha, tau, max_rounds,
+            _core_budget(core_max_entries), info, times,
+        )
+    if core_match is not None:
+        info.path = "core"
+        perm_r, e_r = core_match
+        cost_r = e_r + alpha[perm_r]
+        certified = True
+        info.n_edges = int(e_row.size)
+        info.k_max = kk
+    else:
+        info.path = "sparse"
+    rounds0 = info.rounds
+    for rnd in range(1, max_rounds + 1 if core_match is None else 1):
+        info.rounds = rounds0 + rnd
         # ---- phase 2: sparse exact assignment ----------------------------------------
         t = time.perf_counter()
         match_col = _solve_sparse(e_row, e_col, e_cost, n, m, big)
@@ -798,9 +1056,13 @@ def _sparse_match_sides(
             break
         extra = min(2 * extra, 1024)
 
-    info.n_edges = int(e_row.size)
-    info.k_max = int(np.bincount(e_row, minlength=n).max()) if e_row.size else 0
-    if certified:
+    if core_match is None:
+        info.n_edges = int(e_row.size)
+        info.k_max = int(np.bincount(e_row, minlength=n).max()) if e_row.size else 0
+    if certified and core_match is not None:
+        info.certified = True
+        info.gap_bound = float(n * tau)
+    elif certified:
         perm_r = match_col.copy()
         # pair costs of the assignment
         order = np.lexsort((e_col, e_row))

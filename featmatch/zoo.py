@@ -671,7 +671,7 @@ def _sae_seed(prof: ZooProfile, variant: str, layer: int) -> int:
     return int(prof.seed) * 100_003 + int(layer) * 17 + (0 if variant == "main" else 7919)
 
 
-def build_zoo(
+def _build_zoo_unlocked(
     profile: str | ZooProfile = "quick",
     force: bool = False,
     progress: bool = True,
@@ -844,3 +844,39 @@ def build_zoo(
     man["timings"]["last_build_trained"] = len(pending)
     atomic_write_json(man_file, man)
     return man_file
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (one zoo build per profile at a time)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[featmatch] waiting for another build of {path.parent} to finish ...", flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_zoo(
+    profile: str | ZooProfile = "quick",
+    force: bool = False,
+    progress: bool = True,
+    model: Any | None = None,
+    tokenizer: Any | None = None,
+) -> Path:
+    prof = get_profile(profile)
+    # Two processes (say, two notebooks) building one profile would invalidate each
+    # other's manifest; a file lock serialises them, and the second one then finds the
+    # finished SAEs and skips them.
+    with _build_lock(zoo_dir(prof) / ".build.lock"):
+        return _build_zoo_unlocked(prof, force=force, progress=progress, model=model, tokenizer=tokenizer)
+
+
+build_zoo.__doc__ = _build_zoo_unlocked.__doc__
