@@ -93,7 +93,7 @@ if TYPE_CHECKING:
     from featmatch.matching import Matching
     from featmatch.saes import SAEWeights
 
-__all__ = ["sparse_match", "match_stack", "SparseMatchInfo", "default_block_size"]
+__all__ = ["sparse_match", "match_stack", "auto_solver", "SparseMatchInfo", "default_block_size"]
 
 Metric = Literal["mse", "cosine"]
 
@@ -630,7 +630,9 @@ def _core_solve(
         V = float(v.max()) if m else 0.0
         if F.size:
             fc = bcol[F]
-            v[fc] = V - (ell[F] - bval[F])
+            # (a row with no excluded column has ell = inf: any finite start below V will do)
+            span = 2.0 * (float(np.abs(ec).max()) + float(np.abs(v).max())) + 1.0
+            v[fc] = V - np.minimum(ell[F] - bval[F], span)
             # longest-path sweeps over the fixed rows' candidate edges (prices as high as allowed)
             src = cols[F].reshape(-1)
             dst = np.repeat(fc, kk)
@@ -769,6 +771,8 @@ def sparse_match(
     tol: float = 1e-12,
     dense_fallback: bool = True,
     dense_max_bytes: float | None = None,
+    core: bool = True,
+    core_max_entries: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
     """Exact minimum-cost assignment between the rows of two feature matrices, with a certificate.
 
@@ -810,6 +814,15 @@ def sparse_match(
         Allow the dense fallback (else an uncertified result is returned with a warning).
     dense_max_bytes : float, optional
         Memory allowed for the fallback's cost matrix (default: half the available RAM).
+    core : bool
+        Use the fast path (fixed mutual-best pairs, a dense exact core, price-ordered
+        certificate; see :func:`_core_solve`). When it cannot certify within ``max_rounds`` or
+        its core would exceed ``core_max_entries``, the general sparse loop (LAPJVsp on the
+        candidate graph, shortest-path duals, row rechecks) takes over. ``False`` runs that
+        loop directly.
+    core_max_entries : float, optional
+        Largest dense core (rows x columns) the fast path may build (default: 10% of the
+        available RAM in float64).
 
     Returns
     -------
@@ -859,6 +872,8 @@ def sparse_match(
         dense_fallback,
         dense_max_bytes,
         t_start,
+        use_core=bool(core),
+        core_max_entries=core_max_entries,
     )
     return out if return_info else out[:2]
 
@@ -1194,7 +1209,7 @@ def match_stack(
         t0 = time.perf_counter()
         w = weights(sae)
         check_same_d_in(w_prev, w)
-        use_sparse = solver == "sparse" or (solver == "auto" and w_prev.d_sae * w.d_sae > AUTO_SPARSE_ABOVE)
+        use_sparse = solver == "sparse" or (solver == "auto" and auto_solver(w_prev.d_sae, w.d_sae) == "sparse")
         if not use_sparse:
             kw: dict[str, Any] = {"block_size": block_size} if block_size is not None else {}
             out.append(
@@ -1253,6 +1268,32 @@ def match_stack(
     return out
 
 
-#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (about 4096^2):
-#: below it the dense matrix is small and scipy's dense solver is as fast.
-AUTO_SPARSE_ABOVE = 4096 * 4096
+#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (2048^2): the
+#: size from which the sparse solver was measured faster than the dense one on planted SAE
+#: pairs (docs/benchmarks.md; at 2,048 x 256 they are about even, from 4,096 on sparse wins
+#: by a wide margin). Below it the dense matrix is small and scipy's dense solver is as fast.
+AUTO_SPARSE_ABOVE = 2048 * 2048
+
+#: ... and also whenever the dense float64 cost matrix would exceed this share of the
+#: available RAM (psutil), whatever the size.
+AUTO_DENSE_RAM_SHARE = 0.25
+
+
+def auto_solver(n_a: int, n_b: int, available_bytes: float | None = None) -> str:
+    """The solver ``solver="auto"`` uses for an ``n_a x n_b`` problem: ``"sparse"`` or ``"dense"``.
+
+    Sparse where it is measured faster (``n_a * n_b > AUTO_SPARSE_ABOVE``), or where the
+    dense float64 matrix (``8 n_a n_b`` bytes) would take more than
+    ``AUTO_DENSE_RAM_SHARE`` of the available RAM; dense otherwise.
+    """
+    cells = int(n_a) * int(n_b)
+    if cells > AUTO_SPARSE_ABOVE:
+        return "sparse"
+    if available_bytes is None:
+        try:
+            import psutil
+
+            available_bytes = float(psutil.virtual_memory().available)
+        except Exception:  # pragma: no cover - psutil is a dependency of the tests
+            available_bytes = 4e9
+    return "sparse" if 8.0 * cells > AUTO_DENSE_RAM_SHARE * available_bytes else "dense"

@@ -581,7 +581,9 @@ def match(
         Also compare the (effective, folded) encoder bias.
     solver : {"auto", "dense", "sparse"}
         ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is sparse
-        when :math:`F_A F_B` exceeds ``featmatch.lap.AUTO_SPARSE_ABOVE`` (4096²), else dense.
+        where it is measured faster, :math:`F_A F_B >` ``featmatch.lap.AUTO_SPARSE_ABOVE``
+        (2048², see ``docs/benchmarks.md``), or where the dense float64 matrix would take more
+        than 25% of the available RAM (``featmatch.lap.auto_solver``); else dense.
         ``"sparse"`` calls ``featmatch.lap.sparse_match(x_a, x_b, metric=...)`` with the
         (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.
     unmatched_above : float, optional
@@ -626,9 +628,9 @@ def match(
 
     t0 = time.perf_counter()
     if solver == "auto":
-        from featmatch.lap import AUTO_SPARSE_ABOVE
+        from featmatch.lap import auto_solver
 
-        resolved = "sparse" if wa.d_sae * wb.d_sae > AUTO_SPARSE_ABOVE else "dense"
+        resolved = auto_solver(wa.d_sae, wb.d_sae)
     else:
         resolved = solver
     if resolved == "dense":

@@ -241,7 +241,9 @@ def reference_spaces(
 # --------------------------------------------------------------------------------------
 
 
-def score_table(stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any]]) -> pd.DataFrame:
+def score_table(
+    stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any]], common: bool = True
+) -> pd.DataFrame:
     """Matching score and activation correlation of every (pair, method).
 
     Parameters
@@ -249,30 +251,39 @@ def score_table(stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any
     stats : ActivationStats
         Held-out statistics with ``coact``/``prod_sum`` for every pair.
     matchings : mapping (la, lb) -> mapping method -> Matching
+    common : bool
+        Average over the features of A that *every* method of the pair matches (default),
+        so all methods are scored on the same features; otherwise each method's mean is
+        over its own matched features.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``layer_a, layer_b, pair, method, matching_score, correlation, n_scored,
-        n_matched, one_to_one`` (means over the features of A that fire and are matched,
-        see :func:`featmatch.metrics.matching_score`).
+        n_matched, one_to_one``: means over the scored features of A that fire (see
+        :func:`featmatch.metrics.matching_score`); ``n_scored`` counts them.
     """
     from featmatch.metrics import activation_correlation, matching_score
 
     rows = []
     for (la, lb), by_method in matchings.items():
+        keep = np.ones(len(next(iter(by_method.values())).perm), dtype=bool)
+        if common:
+            for m in by_method.values():
+                keep &= np.asarray(m.perm) >= 0
         for method, m in by_method.items():
-            ms = matching_score(stats, la, lb, m)
-            corr = activation_correlation(stats, la, lb, m)
+            ms = matching_score(stats, la, lb, m).per_feature
+            corr = activation_correlation(stats, la, lb, m).per_feature
+            ms_k, corr_k = ms[keep & np.isfinite(ms)], corr[keep & np.isfinite(corr)]
             rows.append(
                 {
                     "layer_a": int(la),
                     "layer_b": int(lb),
                     "pair": f"{la}→{lb}",
                     "method": method,
-                    "matching_score": ms.mean,
-                    "correlation": corr.mean,
-                    "n_scored": ms.n,
+                    "matching_score": float(ms_k.mean()) if ms_k.size else float("nan"),
+                    "correlation": float(corr_k.mean()) if corr_k.size else float("nan"),
+                    "n_scored": int(ms_k.size),
                     "n_matched": int(m.n_matched),
                     "one_to_one": bool(m.is_injective),
                 }

@@ -167,6 +167,11 @@ pd.DataFrame(
 # %% [markdown]
 # ## The three matchings on each pair
 #
+# Every score below is a mean over the same features of A for all methods of a pair: those
+# that every method matches and that fire on the eval slice (`n_scored`). Semantic OT
+# cannot match features without samples on the fit slice; the baselines match every
+# feature.
+#
 # Semantic OT computes `METHOD` distances on the `CANDIDATES` nearest features by sliced
 # distance, then the assignment (one-to-one) and the top-1 (many-to-one). Feature Flow is
 # the top-1 decoder cosine (many-to-one). SAE Match is the folded encoder+decoder
@@ -419,7 +424,7 @@ for r in dis.itertuples():
         ("Feature Flow", r.b_second, r.score_second),
     ):
         print(f"  {who} → layer {lb} feature {fb} (matching score {sc:.2f})")
-        for ctx in texts.examples(lb, fb):
+        for ctx in texts.examples(lb, fb) or ["(never fires on the eval slice)"]:
             print("       ", ctx)
 
 # %% [markdown]

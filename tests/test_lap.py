@@ -76,19 +76,22 @@ def test_certificate_rejects_truncated_candidates_and_recovers():
 
 
 def test_certificate_rejects_a_feasible_but_suboptimal_candidate_set():
-    """k=3 on a random 30x30 case: the candidate graph has a full matching (no dummy), but
+    """k=5 on a random 30x30 case (general sparse loop, ``core=False``): the candidate graph has a full matching (no dummy), but
     its optimum is not the global one. The certificate must find excluded pairs with
     negative reduced cost; stopped after that round (no fallback) the result is worse than
     dense and flagged; allowed to continue, the matcher recovers the optimum."""
-    rng = np.random.default_rng(29)
+    rng = np.random.default_rng(65)
     a = torch.tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
     b = torch.tensor(rng.standard_normal((30, 4)), dtype=torch.float32)
     _, cd, _ = _dense(a, b, "mse")
     with pytest.warns(RuntimeWarning, match="not certified"):
-        _, cost1, info1 = sparse_match(a, b, k=3, max_rounds=1, dense_fallback=False, return_info=True)
+        _, cost1, info1 = sparse_match(
+            a, b, k=5, max_rounds=1, dense_fallback=False, core=False, return_info=True
+        )
     assert info1.dummies_used == [0] and info1.violations[0] > 0 and not info1.certified
+    assert info1.path == "sparse"
     assert np.nansum(cost1) > np.nansum(cd) * (1 + 1e-9)
-    perm, cost, info = sparse_match(a, b, k=3, return_info=True)
+    perm, cost, info = sparse_match(a, b, k=5, core=False, return_info=True)
     assert info.certified and info.fallback is None and info.rounds > 1
     assert np.nansum(cost) == pytest.approx(np.nansum(cd), rel=1e-12)
 
@@ -115,7 +118,7 @@ def test_row_bounds_are_valid_lower_bounds():
 # --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 30),
     m=st.integers(1, 30),
@@ -124,14 +127,15 @@ def test_row_bounds_are_valid_lower_bounds():
     k=st.integers(1, 6),
     metric=st.sampled_from(["mse", "cosine"]),
     seed=st.integers(0, 2**31 - 1),
+    core=st.booleans(),
 )
-def test_sparse_equals_dense_property(n, m, square, d, k, metric, seed):
+def test_sparse_equals_dense_property(n, m, square, d, k, metric, seed, core):
     if square:
         m = n
     rng = np.random.default_rng(seed)
     a = torch.tensor(rng.standard_normal((n, d)) * rng.uniform(0.2, 3, (n, 1)), dtype=torch.float32)
     b = torch.tensor(rng.standard_normal((m, d)) * rng.uniform(0.2, 3, (m, 1)), dtype=torch.float32)
-    perm, cost, info = sparse_match(a, b, metric=metric, k=k, return_info=True)
+    perm, cost, info = sparse_match(a, b, metric=metric, k=k, core=core, return_info=True)
     pd, cd, full = _dense(a, b, metric)
     assert info.certified
     ok = perm >= 0
@@ -224,6 +228,12 @@ def test_auto_solver_threshold(monkeypatch):
     assert match(sa, sb).meta["solver"] == "dense"
     monkeypatch.setattr(lap, "AUTO_SPARSE_ABOVE", 10)
     assert match(sa, sb).meta["solver"] == "sparse"
+    # memory rule: a dense matrix over 25% of the available RAM goes sparse at any size
+    assert lap.auto_solver(20, 20, available_bytes=1e9) == "sparse"  # AUTO_SPARSE_ABOVE patched
+    monkeypatch.setattr(lap, "AUTO_SPARSE_ABOVE", 10**12)
+    assert lap.auto_solver(1000, 1000, available_bytes=1e12) == "dense"
+    assert lap.auto_solver(1000, 1000, available_bytes=3.1e7) == "sparse"  # 8 MB > 25% of 31 MB
+    assert lap.auto_solver(1000, 1000, available_bytes=3.3e7) == "dense"
 
 
 @pytest.mark.parametrize("solver", ["sparse", "dense"])

@@ -129,6 +129,12 @@ def test_score_table_perfect_matching_scores_one():
     assert r.loc["right", "n_scored"] == 2  # feature 2 never fires
     assert r.loc["wrong", "n_matched"] == 2 and r.loc["wrong", "correlation"] < 1
     assert (t.pair == "0→1").all()
+    # by default both methods are scored on the features every method matches (0 and 1)
+    assert (t.n_scored == 2).all()
+    alone = R.score_table(stats, {(0, 1): {"right": right, "none": _m([-1, 0, -1], 3)}}).set_index("method")
+    assert alone.loc["right", "n_scored"] == 1 and alone.loc["right", "matching_score"] == pytest.approx(1.0)
+    own = R.score_table(stats, {(0, 1): {"right": right, "none": _m([-1, 0, -1], 3)}}, common=False)
+    assert own.set_index("method").loc["right", "n_scored"] == 2
 
 
 def test_judge_features_same_for_all_methods_and_seeded():
