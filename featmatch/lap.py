@@ -22,6 +22,31 @@ solves the *same* problem exactly, and proves it did:
    added to :math:`E` (this *enlarges k for the violating rows*) and steps 2-4 repeat. If that
    does not converge in ``max_rounds``, the dense solver takes over (when it fits).
 
+**Fast path (default, ``core=True``).** Steps 2-4 above need several rounds of LAPJVsp on
+SAE pairs where ~10% of the features have no partner: those rows are nobody's near-neighbour,
+their costs to every column look alike, and a top-k candidate list cannot certify them.
+The fast path (:func:`_core_solve`) instead
+
+a. fixes the *mutual-best* candidate pairs (row i's cheapest candidate is j and no other row
+   lists j more cheaply) and calls everything else the *core*: rows :math:`R`, and all
+   columns :math:`C` not taken by a fixed pair (about the unpartnered features: ~10%);
+b. computes the core's costs **densely** (one :math:`|R|\times|C|` product, ~1% of the
+   floor) and solves it exactly with scipy ``linear_sum_assignment``;
+c. picks duals that make the certificate easy: the largest feasible :math:`v` on the core,
+   the *smallest* feasible :math:`v` (highest prices) on fixed columns, so a row outside a
+   pair is never tempted by a taken column;
+d. certifies every pair: known edges directly; an excluded pair (i, j) is cleared by the
+   row's bound unless :math:`v_j > \ell_i - u_i + \tau`. Sorting the columns by :math:`v`
+   makes the columns a row must check exactly a *prefix*; only those products are computed.
+   Violations move their rows (and the owners of their columns) into the core and the core
+   is re-solved. If the core outgrows ``core_max_entries`` or ``max_rounds`` pass, the
+   general loop above runs.
+
+Costs are *effective* costs :math:`e_{ij} = C_{ij} - |b_j|^2/D` for square mse (a full
+assignment uses every column once, so the optimum is unchanged) and :math:`C` otherwise; the
+candidate key is then a per-row monotone transform of the cost, so a single scalar
+:math:`\ell_i` bounds every excluded pair of row i.
+
 Why the certificate proves optimality (LP duality). Let :math:`n = F_A \\le m = F_B` (the
 other case is solved transposed). The LAP is the linear program
 
