@@ -224,13 +224,11 @@ class ActivationStats:
             ``coact[i, perm[i]] / fire_count_a[i]``; NaN where unmatched or where feature
             ``i`` never fires. The paper's matching score is ``np.nanmean`` of this.
         """
-        coact, _ = self._pair(la, lb)
-        rows, cols = self._perm(la, lb, perm)
-        out = np.full(self.d_sae(la), np.nan)
-        fc = self.fire_count[la][rows]
-        ok = fc > 0
-        out[rows[ok]] = coact[rows[ok], cols[ok]] / fc[ok]
-        return out
+        from featmatch.metrics import matching_score
+
+        self._pair(la, lb)  # clear error when the pair was not gathered
+        self._perm(la, lb, perm)  # validates the permutation's range
+        return matching_score(self, la, lb, perm).per_feature
 
     def pair_corr(self, la: int, lb: int, perm: np.ndarray | Any) -> np.ndarray:
         """Per-feature Pearson correlation of ``f_a[i]`` and ``f_b[perm[i]]`` over positions.
@@ -250,20 +248,11 @@ class ActivationStats:
         numpy.ndarray of float64, shape (F_a,)
             NaN where unmatched or where either feature has zero variance (never fires).
         """
-        _, prod = self._pair(la, lb)
-        rows, cols = self._perm(la, lb, perm)
-        n = float(self.n_tokens)
-        mean_a = self.act_sum[la][rows] / n
-        mean_b = self.act_sum[lb][cols] / n
-        var_a = self.act_sq_sum[la][rows] / n - mean_a**2
-        var_b = self.act_sq_sum[lb][cols] / n - mean_b**2
-        cov = prod[rows, cols] / n - mean_a * mean_b
-        denom = np.sqrt(np.clip(var_a, 0, None) * np.clip(var_b, 0, None))
-        out = np.full(self.d_sae(la), np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(denom > 0, cov / np.where(denom > 0, denom, 1.0), np.nan)
-        out[rows] = np.clip(r, -1.0, 1.0)
-        return out
+        from featmatch.metrics import activation_correlation
+
+        self._pair(la, lb)
+        self._perm(la, lb, perm)
+        return activation_correlation(self, la, lb, perm).per_feature
 
     # ---- contexts --------------------------------------------------------------------
 
