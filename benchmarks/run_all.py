@@ -11,6 +11,7 @@ Usage::
     python benchmarks/run_all.py            # full sizes (long: minutes to hours)
     python benchmarks/run_all.py --quick    # smoke run
     python benchmarks/run_all.py --only bench_matching --out /tmp/bench.md
+    python benchmarks/run_all.py --only bench_matching --args "--only 16k --no-stack"
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="script stems to run (e.g. bench_matching)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--timeout", type=float, default=12 * 3600, help="seconds per script")
+    p.add_argument(
+        "--args", default="", help='extra arguments for every script, e.g. --args "--only 16k --no-stack"'
+    )
     args = p.parse_args(argv)
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.only:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     status = 0
     for script in scripts:
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + args.args.split()
         print(f"== {script.name}", flush=True)
         t = time.perf_counter()
         try:
