@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,17 +106,26 @@ def run_notebook(
         start = time.perf_counter()
         dest = out / nb.name
 
-        def _execute(tmp: Path, nb: Path = nb, values: dict[str, Any] = values) -> None:
-            pm.execute_notebook(
-                str(nb),
-                str(tmp),
-                parameters=values,
-                kernel_name=KERNEL_NAME,
-                progress_bar=progress,
-                cwd=str(nb.parent),
-            )
+        def _execute(tmp: Path, nb: Path = nb, values: dict[str, Any] = values, dest: Path = dest) -> None:
+            try:
+                pm.execute_notebook(
+                    str(nb),
+                    str(tmp),
+                    parameters=values,
+                    kernel_name=KERNEL_NAME,
+                    progress_bar=progress,
+                    cwd=str(nb.parent),
+                )
+            except pm.PapermillExecutionError as exc:
+                # keep the partly executed copy: it shows the failing cell and its traceback
+                failed = dest.with_suffix(".failed.ipynb")
+                shutil.copyfile(tmp, failed)
+                raise RuntimeError(
+                    f"{nb.stem} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (see {failed})"
+                ) from None
 
         atomic_save(dest.with_suffix(".ipynb"), _execute)
+        dest.with_suffix(".failed.ipynb").unlink(missing_ok=True)
         runs.append(NotebookRun(nb.stem, dest, time.perf_counter() - start))
         print(f"[featmatch] {nb.stem}: {runs[-1].seconds:.1f} s -> {dest}", flush=True)
     return runs

@@ -81,7 +81,8 @@ def load_setup(
     """
     from featmatch.corpus import token_batches
     from featmatch.models import load_model
-    from featmatch.saes import load_layer_sae, sae_set as get_sae_set
+    from featmatch.saes import load_layer_sae
+    from featmatch.saes import sae_set as get_sae_set
 
     profile = profile or default_profile()
     set_name = sae_set or f"featmatch-smollm2-{profile}"

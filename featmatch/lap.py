@@ -182,8 +182,16 @@ class SparseMatchInfo:
         True when ``F_A > F_B`` and the problem was solved with B as rows.
     device : str
     times : dict
-        Seconds per phase: ``prepare``, ``candidates`` (main blocked pass), ``solve``
-        (sparse LAP), ``duals``, ``certificate``, ``recheck``, ``fallback``, ``total``.
+        Seconds per phase: ``prepare``, ``candidates`` (main blocked pass), ``core`` (the
+        dense core's product), ``solve`` (core LSA or sparse LAP), ``duals`` (with the
+        breakdown ``duals_core_dense``, ``duals_fixed`` and the sweep count
+        ``sweeps_core_dense``), ``certificate``, ``recheck`` (exact prefix/row rechecks),
+        ``fallback``, ``total``.
+    path : str
+        ``"core"`` if the fast path (fixed mutual-best pairs + dense exact core) certified
+        the result, ``"sparse"`` if the general LAPJVsp loop ran.
+    core_rows : list of int
+        Per fast-path round, the rows in the dense core.
     """
 
     k: int
@@ -673,6 +681,10 @@ def _core_solve(
     fixed_rows[mutual[first]] = True
     owner = np.full(m, -1, dtype=np.int64)  # fixed row owning each column
     owner[bcol[fixed_rows]] = np.flatnonzero(fixed_rows)
+    if (~fixed_rows).sum() > n // 3:
+        # little structure: one core for everything (the dense problem) beats growing rounds
+        fixed_rows[:] = False
+        owner[:] = -1
     eps = 1e-15 * max(float(np.abs(ec).max()) if ec.size else 1.0, 1e-300) + 1e-300
     info.core_rows = []
     for rnd in range(1, max_rounds + 1):
@@ -844,6 +856,11 @@ def _core_solve(
         move = move[fixed_rows[move]]
         owner[match_col[move]] = -1
         fixed_rows[move] = False
+        if (~fixed_rows).sum() > n // 3:
+            # little structure (e.g. unrelated SAEs): growing the core by a few rows per round
+            # would re-solve it many times; solve the whole problem as one core instead
+            fixed_rows[:] = False
+            owner[:] = -1
     return None
 
 
@@ -1410,11 +1427,13 @@ def match_stack(
     return out
 
 
-#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (2048^2): the
-#: size from which the sparse solver was measured faster than the dense one on planted SAE
-#: pairs (docs/benchmarks.md; at 2,048 x 256 they are about even, from 4,096 on sparse wins
-#: by a wide margin). Below it the dense matrix is small and scipy's dense solver is as fast.
-AUTO_SPARSE_ABOVE = 2048 * 2048
+#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (4096^2): from
+#: 4,096 features on, the sparse solver was measured many times faster than the dense one on
+#: planted SAE pairs (docs/benchmarks.md: ~25x at 4,096 x 512, and the dense matrix grows
+#: quadratically). Below it dense takes about a second or less, and on pairs with little
+#: structure (unrelated SAEs, random vectors) the fast path's core covers everything and is
+#: 2-6x *slower* than dense at these sizes, so dense is the safe default there.
+AUTO_SPARSE_ABOVE = 4096 * 4096
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
 #: available RAM (psutil), whatever the size.

@@ -582,7 +582,7 @@ def match(
     solver : {"auto", "dense", "sparse"}
         ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is sparse
         where it is measured faster, :math:`F_A F_B >` ``featmatch.lap.AUTO_SPARSE_ABOVE``
-        (2048², see ``docs/benchmarks.md``), or where the dense float64 matrix would take more
+        (4096², see ``docs/benchmarks.md``), or where the dense float64 matrix would take more
         than 25% of the available RAM (``featmatch.lap.auto_solver``); else dense.
         ``"sparse"`` calls ``featmatch.lap.sparse_match(x_a, x_b, metric=...)`` with the
         (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.

@@ -628,6 +628,44 @@ def _quality(sae: Any, x: torch.Tensor, keep: torch.Tensor, chunk: int = 4096) -
     }
 
 
+THRESHOLD_FLOOR = 1e-3
+"""Smallest JumpReLU threshold a zoo SAE is saved with (see :func:`_floor_thresholds`)."""
+
+
+def _floor_thresholds(sae: Any) -> int:
+    """Raise JumpReLU thresholds that training left at or below 0 to :data:`THRESHOLD_FLOOR`.
+
+    sae-lens's JumpReLU training can push a handful of thresholds slightly below zero (on
+    the quick zoo, 2 of 30,720). Such a feature fires on negative pre-activations, and SAE
+    Match's folding (Eq. 4, division by θ) is undefined for it, so featmatch rejects θ ≤ 0
+    everywhere. The floor changes the SAE only for pre-activations in (θ, THRESHOLD_FLOOR];
+    the number of floored features is recorded in the manifest.
+
+    Returns
+    -------
+    int
+        How many thresholds were raised.
+    """
+    th = getattr(sae, "threshold", None)
+    if th is None:
+        return 0
+    with torch.no_grad():
+        bad = th <= 0
+        n = int(bad.sum())
+        if n:
+            th[bad] = THRESHOLD_FLOOR
+    return n
+
+
+def _floor_saved_sae(sae_dir: Path) -> tuple[int, dict[str, str] | None]:
+    """Apply :func:`_floor_thresholds` to an SAE saved by an older build; re-save if changed."""
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(sae_dir), device="cpu")
+    n = _floor_thresholds(sae)
+    return n, (_save_sae(sae, sae_dir) if n else None)
+
+
 def _save_sae(sae: Any, sae_dir: Path) -> dict[str, str]:
     """Save with ``sae.save_model`` into a staging folder, then move each file atomically."""
     sae_dir.mkdir(parents=True, exist_ok=True)
@@ -758,6 +796,11 @@ def _build_zoo_unlocked(
         if entry is not None:
             problem = _verify_files(root / entry["path"], entry.get("files", {}))
             if problem is None:
+                if "n_threshold_floored" not in entry:  # built before the floor existed
+                    n_floored, files = _floor_saved_sae(root / entry["path"])
+                    entry = {**entry, "n_threshold_floored": n_floored}
+                    if files is not None:
+                        entry["files"] = files
                 man["saes"][variant][str(layer)] = entry
                 continue
             warnings.warn(
@@ -813,6 +856,7 @@ def _build_zoo_unlocked(
                 with _quiet_tqdm(progress):
                     sae = _train_sae(prof, variant, layer, xl, keep, d_model, _sae_seed(prof, variant, layer))
                 train_s = time.perf_counter() - t0
+                n_floored = _floor_thresholds(sae)
                 t0 = time.perf_counter()
                 quality = _quality(sae, xe, keep_eval)
                 quality["n_eval_outliers"] = int((~keep_eval).sum())
@@ -832,6 +876,7 @@ def _build_zoo_unlocked(
                     "train_window_l0": sae.cfg.metadata.featmatch["train_window_l0"],
                     "target_l0": prof.sae_config(variant).get("target_l0"),
                     "d_sae": int(sae.cfg.d_sae),
+                    "n_threshold_floored": n_floored,
                     "train_seconds": train_s,
                     "eval_seconds": eval_s,
                 }

@@ -57,7 +57,9 @@ def _planted(n: int, d: int, seed: int, unmatched: float = 0.1) -> tuple[torch.T
 def test_certificate_rejects_truncated_candidates_and_recovers():
     """Crafted: every row's single best column is the same column 0, so with k=1 the
     candidate graph has no full matching except through the dummies, and the first
-    certificate must fail; the matcher must then add edges and reach the dense optimum."""
+    certificate must fail; the matcher must then add edges and reach the dense optimum.
+    (General sparse loop, ``core=False``: the fast path would see that this problem has no
+    structure and solve it as one dense core.)"""
     rng = np.random.default_rng(0)
     n, d = 40, 8
     hub = rng.standard_normal(d)
@@ -65,14 +67,33 @@ def test_certificate_rejects_truncated_candidates_and_recovers():
     b = np.vstack([hub, rng.standard_normal((n - 1, d))])
     a_t, b_t = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
     for metric in ("mse", "cosine"):
-        perm, cost, info = sparse_match(a_t, b_t, metric=metric, k=1, return_info=True)
+        perm, cost, info = sparse_match(a_t, b_t, metric=metric, k=1, core=False, return_info=True)
         # the first round was not certified: rows rechecked, and dummies or violations found
         assert info.rows_rechecked[0] > 0
         assert info.dummies_used[0] > 0 or info.violations[0] > 0
         assert info.rounds >= 2
-        assert info.certified and info.fallback is None
+        assert info.certified and info.fallback is None and info.path == "sparse"
         pd, cd, _ = _dense(a_t, b_t, metric)
         assert cost.sum() == pytest.approx(cd.sum(), rel=1e-9)
+
+
+def test_fast_path_certificate_rejects_truncated_candidates_and_recovers():
+    """Fast path with k=2 on a planted pair: some mutual-best pairs it fixes first are not in
+    the optimum. The first certificate must find excluded pairs with negative reduced cost
+    (the truncated candidate lists hide them), move those rows into the dense core, and the
+    second round must reach the dense optimum, certified."""
+    a, b = _planted(600, 128, seed=3)
+    perm, cost, info = sparse_match(a, b, k=2, return_info=True)
+    assert info.path == "core" and info.certified and info.fallback is None
+    assert info.violations[0] > 0 and info.rounds >= 2
+    assert info.core_rows[1] > info.core_rows[0]
+    pd, cd, _ = _dense(a, b, "mse")
+    assert np.nansum(cost) == pytest.approx(np.nansum(cd), rel=1e-9)
+    assert np.array_equal(perm, pd)
+    # stopped after the rejected round (no fallback), the result is flagged, not certified
+    with pytest.warns(RuntimeWarning, match="not certified"):
+        _, _, info1 = sparse_match(a, b, k=2, max_rounds=1, dense_fallback=False, return_info=True)
+    assert not info1.certified
 
 
 def test_certificate_rejects_a_feasible_but_suboptimal_candidate_set():
@@ -176,11 +197,11 @@ def test_dense_fallback_when_rounds_run_out():
 
 def test_uncertified_without_fallback_warns():
     a, b = _planted(80, 6, seed=5, unmatched=0.5)
-    _, _, info = sparse_match(a, b, k=1, max_rounds=1, return_info=True)
+    _, _, info = sparse_match(a, b, k=1, max_rounds=1, core=False, return_info=True)
     if info.rounds == 1 and info.fallback is None:
         pytest.skip("certified in one round; nothing to fall back from")
     with pytest.warns(RuntimeWarning, match="not certified"):
-        sparse_match(a, b, k=1, max_rounds=1, dense_fallback=False)
+        sparse_match(a, b, k=1, max_rounds=1, dense_fallback=False, core=False)
 
 
 def test_input_checks():

@@ -250,3 +250,22 @@ def test_real_tiny_profile_builds():
     sae = zoo.load_zoo_sae("tiny", 15)
     assert sae.cfg.d_in == 576
     assert os.path.isdir(zoo.sae_path("featmatch-smollm2-tiny-l0b", "blocks.14.hook_resid_post"))
+
+
+def test_thresholds_at_or_below_zero_are_floored_and_counted():
+    from _builders import jumprelu_sae
+
+    from featmatch import zoo as zoo_mod
+    from featmatch.saes import fold
+
+    sae = jumprelu_sae(d_in=8, d_sae=16, seed=3)
+    with torch.no_grad():
+        sae.threshold[:3] = torch.tensor([-0.01, 0.0, -1e-6])
+    with pytest.raises(ValueError, match="<= 0"):
+        fold(sae)
+    before = sae.threshold.clone()
+    assert zoo_mod._floor_thresholds(sae) == 3
+    assert torch.all(sae.threshold[:3] == zoo_mod.THRESHOLD_FLOOR)
+    assert torch.equal(sae.threshold[3:], before[3:])
+    fold(sae)  # now valid
+    assert zoo_mod._floor_thresholds(sae) == 0
