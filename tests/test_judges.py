@@ -143,7 +143,8 @@ def test_prompt_is_the_papers_verbatim():
     assert prompt.startswith("You will receive two text explanations of an LLM features")
     assert prompt.rstrip().endswith("Label: 2")
     assert "Published as a conference paper" not in prompt
-    seed = Path("/work/shared/seeds/002_4f49439b4e1c2b8f.txt")
+    # ../shared/seeds beside the project (as in CI); skipped where the seeds are absent
+    seed = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "002_4f49439b4e1c2b8f.txt"
     if seed.exists():  # compare word for word with the paper's text
         text = seed.read_text(encoding="utf-8")
         start = text.index("You will receive two text explanations")
