@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from _builders import jumprelu_sae
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from featmatch import lap
@@ -81,9 +81,10 @@ def test_fast_path_certificate_rejects_truncated_candidates_and_recovers():
     """Fast path with k=2 on a planted pair: some mutual-best pairs it fixes first are not in
     the optimum. The first certificate must find excluded pairs with negative reduced cost
     (the truncated candidate lists hide them), move those rows into the dense core, and the
-    second round must reach the dense optimum, certified."""
+    second round must reach the dense optimum, certified. (Weak pairs are left fixed here:
+    moving them to the core up front is what normally avoids that second round.)"""
     a, b = _planted(600, 128, seed=3)
-    perm, cost, info = sparse_match(a, b, k=2, return_info=True)
+    perm, cost, info = sparse_match(a, b, k=2, weak_pairs=False, return_info=True)
     assert info.path == "core" and info.certified and info.fallback is None
     assert info.violations[0] > 0 and info.rounds >= 2
     assert info.core_rows[1] > info.core_rows[0]
@@ -92,8 +93,14 @@ def test_fast_path_certificate_rejects_truncated_candidates_and_recovers():
     assert np.array_equal(perm, pd)
     # stopped after the rejected round (no fallback), the result is flagged, not certified
     with pytest.warns(RuntimeWarning, match="not certified"):
-        _, _, info1 = sparse_match(a, b, k=2, max_rounds=1, dense_fallback=False, return_info=True)
+        _, _, info1 = sparse_match(
+            a, b, k=2, max_rounds=1, dense_fallback=False, weak_pairs=False, return_info=True
+        )
     assert not info1.certified
+    # with the weak pairs moved up front: the same optimum
+    perm2, cost2, info2 = sparse_match(a, b, k=2, return_info=True)
+    assert info2.certified and info2.weak_moved > 0
+    assert np.array_equal(perm2, pd)
 
 
 def test_certificate_rejects_a_feasible_but_suboptimal_candidate_set():
@@ -182,6 +189,90 @@ def test_sparse_equals_dense_planted(metric, shape):
     perm, cost, info = sparse_match(a, b, metric=metric, k=8, return_info=True)
     pd, cd, _ = _dense(a, b, metric)
     assert info.certified
+    assert np.nansum(cost) == pytest.approx(np.nansum(cd), rel=1e-9)
+    assert np.array_equal(perm, pd)
+
+
+# --------------------------------------------------------------------------------------
+# The dense core: lapjv with potentials, Dijkstra duals, weak pairs
+# --------------------------------------------------------------------------------------
+
+
+def _bellman_ford_largest_v(E: np.ndarray, pc: np.ndarray) -> np.ndarray:
+    """Reference: largest v <= 0 with v_j <= v_pc(i) + E_ij - E_i,pc(i), by plain dense sweeps."""
+    e = E[np.arange(E.shape[0]), pc]
+    v = np.zeros(E.shape[1])
+    for _ in range(E.shape[1] + 2):
+        new = np.minimum(v, (E - e[:, None] + v[pc][:, None]).min(0))
+        if np.array_equal(new, v):
+            return v
+        v = new
+    raise AssertionError("no fixpoint")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.one_of(st.integers(2, 40), st.integers(256, 400)),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(n=400, ties=True, seed=1)
+@example(n=300, ties=False, seed=2)
+def test_core_lsa_and_dijkstra_duals_match_references(n, ties, seed):
+    """lapjv (or scipy below its size) reaches scipy's optimum, also with many tied costs; the
+    Dijkstra duals from its potentials equal plain Bellman-Ford's largest feasible duals."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    E = rng.integers(0, 5 * n, (n, n)).astype(float) if ties else rng.standard_normal((n, n))
+    pc, pot, name = lap._lsa_with_potentials(E)
+    assert name == ("lapjv" if n >= lap._LAPJV_MIN else "scipy")
+    assert np.array_equal(np.sort(pc), np.arange(n))
+    r, c = linear_sum_assignment(E)
+    assert E[np.arange(n), pc].sum() == pytest.approx(E[r, c].sum(), rel=1e-12, abs=1e-9)
+    if pot is None:
+        import lapjv
+
+        pot = np.asarray(lapjv.lapjv(E, force_doubles=True)[2][2], dtype=float)
+        pc = np.asarray(lapjv.lapjv(E, force_doubles=True)[0], dtype=np.int64)
+    v = lap._largest_duals_dijkstra(E, pc, pot)
+    np.testing.assert_allclose(v, _bellman_ford_largest_v(E, pc), rtol=0, atol=1e-9)
+    e = E[np.arange(n), pc]
+    assert (E - e[:, None] + v[pc][:, None] - v[None, :]).min() >= -1e-9
+
+
+def test_core_solver_without_lapjv_falls_back_to_scipy(monkeypatch):
+    """Unstructured 400 x 400: the whole problem is one square core. Same optimum with lapjv
+    and, when it cannot be imported, with scipy and the label-correcting duals."""
+    rng = np.random.default_rng(7)
+    a = torch.tensor(rng.standard_normal((400, 12)), dtype=torch.float32)
+    b = torch.tensor(rng.standard_normal((400, 12)), dtype=torch.float32)
+    pd, cd, _ = _dense(a, b, "mse")
+    perm1, cost1, info1 = sparse_match(a, b, k=4, return_info=True)
+    monkeypatch.setitem(__import__("sys").modules, "lapjv", None)
+    perm2, cost2, info2 = sparse_match(a, b, k=4, return_info=True)
+    assert (info1.core_solver, info2.core_solver) == ("lapjv", "scipy")
+    for perm, cost, info in ((perm1, cost1, info1), (perm2, cost2, info2)):
+        assert info.certified and info.path == "core"
+        assert np.nansum(cost) == pytest.approx(np.nansum(cd), rel=1e-9)
+        assert np.array_equal(perm, pd)
+
+
+def test_weak_pairs_join_the_core_and_one_round_certifies(monkeypatch):
+    """Planted pair with unpartnered features on both sides (the benchmark's generator):
+    chance mutual-best pairs among unpartnered features are moved into the core up front,
+    so the first certificate passes; the result is the dense optimum."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_matching import planted_pair
+
+    a, b, truth = planted_pair(3072, 192, seed=1)
+    perm, cost, info = sparse_match(a, b, return_info=True)
+    assert info.certified and info.path == "core"
+    assert info.weak_moved > 0
+    assert info.rounds == 1
+    pd, cd, _ = _dense(a, b, "mse")
     assert np.nansum(cost) == pytest.approx(np.nansum(cd), rel=1e-9)
     assert np.array_equal(perm, pd)
 
