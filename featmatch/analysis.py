@@ -1007,6 +1007,48 @@ def shuffled_cost(matching: Matching, seed: int = 0) -> Matching:
     return Matching(perm=matching.perm, cost=cost, n_b=matching.n_b, meta={**matching.meta, "cost": "shuffled"})
 
 
+def transfer_scale(matching: Matching, sae_a: Any, sae_b: Any) -> np.ndarray:
+    r"""Per feature of A, the folded transfer scale :math:`\theta^B_{\pi(i)}/\theta^A_i` (NaN if unmatched).
+
+    Folded encode-permute-decode multiplies feature i's activation by it (Eq. 4 in Eq. 5).
+    """
+    th_a, th_b = thetas(sae_a), thetas(sae_b)
+    perm = matching.perm
+    if th_a.shape[0] != perm.shape[0] or th_b.shape[0] != matching.n_b:
+        raise ValueError("matching and SAEs disagree on the number of features")
+    ok = perm >= 0
+    return np.where(ok, th_b[np.where(ok, perm, 0)] / th_a, np.nan)
+
+
+def drop_small_thresholds(matching: Matching, sae_a: Any, sae_b: Any, min_theta: float = 1e-2) -> Matching:
+    r"""The matching with every pair whose :math:`\theta^A_i` or :math:`\theta^B_{\pi(i)}` is below ``min_theta`` unmatched.
+
+    Folded encode-permute-decode carries feature i with the scale
+    :math:`\theta^B_{\pi(i)}/\theta^A_i` (Eq. 4 in Eq. 5). A threshold near zero (the zoo
+    floors trained :math:`\theta \le 0` to 1e-3) makes that scale hundreds of times larger
+    than any other, so one such feature can dominate the prediction. Dropping those pairs
+    (they then contribute nothing, like any unmatched feature) separates that conditioning
+    problem from the question whether folding helps. ``meta["n_small_theta_dropped"]`` counts them.
+    """
+    from featmatch.matching import Matching
+
+    if min_theta <= 0:
+        raise ValueError(f"min_theta must be > 0, got {min_theta}")
+    th_a, th_b = thetas(sae_a), thetas(sae_b)
+    perm = matching.perm
+    if th_a.shape[0] != perm.shape[0] or th_b.shape[0] != matching.n_b:
+        raise ValueError("matching and SAEs disagree on the number of features")
+    ok = perm >= 0
+    small = ok & ((th_a < min_theta) | (th_b[np.where(ok, perm, 0)] < min_theta))
+    new_perm = np.where(small, -1, perm)
+    return Matching(
+        perm=new_perm,
+        cost=np.where(small, np.nan, matching.cost),
+        n_b=matching.n_b,
+        meta={**matching.meta, "min_theta": float(min_theta), "n_small_theta_dropped": int(small.sum())},
+    )
+
+
 def hybrid_methods(
     matchings: Mapping[int, Matching],
     qs: Sequence[float],

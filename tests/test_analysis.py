@@ -303,6 +303,27 @@ def test_shuffled_cost_and_hybrid_methods():
         A.hybrid_methods({4: m}, [1.5])
 
 
+def test_transfer_scale_and_drop_small_thresholds():
+    """Planted: feature 1 of A has a near-zero θ (scale 1000x), B's feature 0 has one too;
+    the pairs touching either are dropped, the others keep their partner and cost."""
+    a, b = jumprelu_sae(d_sae=4, seed=1), jumprelu_sae(d_sae=3, seed=2)
+    with torch.no_grad():
+        a.threshold.copy_(torch.tensor([1.0, 1e-3, 2.0, 0.5]))
+        b.threshold.copy_(torch.tensor([1e-3, 1.0, 0.5]))
+    m = Matching(perm=np.array([1, 2, -1, 0]), cost=np.array([0.1, 0.2, np.nan, 0.3]), n_b=3)
+    scale = A.transfer_scale(m, a, b)
+    np.testing.assert_allclose(scale, [1.0, 500.0, np.nan, 2e-3], rtol=1e-6)
+    g = A.drop_small_thresholds(m, a, b, 1e-2)
+    np.testing.assert_array_equal(g.perm, [1, -1, -1, -1])
+    assert g.cost[0] == 0.1 and np.isnan(g.cost[1:]).all()
+    assert g.meta["n_small_theta_dropped"] == 2
+    np.testing.assert_array_equal(A.drop_small_thresholds(m, a, b, 1e-4).perm, m.perm)
+    with pytest.raises(ValueError, match="min_theta"):
+        A.drop_small_thresholds(m, a, b, 0.0)
+    with pytest.raises(ValueError, match="number of features"):
+        A.transfer_scale(m, b, a)
+
+
 def test_hybrid_table_and_claim():
     rows = []
     for q, ev in ((0.0, 0.5), (0.5, 0.7), (1.0, 0.8)):
