@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "Each configuration runs in its own subprocess, one after the other, on a shared machine.",
         "",
         "| shape F x d | floor s | sparse s | sparse / floor | dense s | dense / sparse | rel. gap | same perm "
-        "| peak RSS sparse GB | peak RSS dense GB | certified (path, rounds, core, rows rechecked, fallback) | truth recovered |",
+        "| peak RSS sparse GB | peak RSS dense GB | certified (path, rounds, core, weak pairs, rows rechecked, fallback) | truth recovered |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             cert = (
                 (
                     f"{info.get('certified')} ({info.get('path')}, {info.get('rounds')} rounds, core "
-                    f"{max(info.get('core_rows') or [0])} rows, {sum(info.get('rows_rechecked', []))} rechecked, "
+                    f"{max(info.get('core_rows') or [0])} rows by {info.get('core_solver') or '-'}, "
+                    f"{info.get('weak_moved', 0)} weak pairs moved, {sum(info.get('rows_rechecked', []))} rechecked, "
                     f"fallback {info.get('fallback')})"
                 )
                 if info
@@ -330,14 +331,15 @@ def main(argv: list[str] | None = None) -> int:
             details.append({"name": "stack", "floor": fl, "stack": st})
             lines += [
                 "",
-                "| stack | pairs | total s | per pair s | per pair / floor | peak RSS GB | all certified | fallbacks |",
-                "|---|---|---|---|---|---|---|---|",
+                "| stack | pairs | total s | matcher s (sum over pairs) | per pair s | per pair / floor | peak RSS GB | all certified | fallbacks |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             if "seconds" in st:
-                per = st["seconds"] / max(st["pairs"], 1)
+                matcher = float(sum(st["pair_seconds"]))
+                per = matcher / max(st["pairs"], 1)
                 row = (
                     f"| {stack_layers} SAEs of {f:,} x {d} (decoder rows) | {st['pairs']} | {st['seconds']:.1f} | "
-                    f"{per:.2f} | {per / fl['seconds']:.2f} | {st['peak_rss_gb']:.2f} | {st['certified']} | "
+                    f"{matcher:.1f} | {per:.2f} | {per / fl['seconds']:.2f} | {st['peak_rss_gb']:.2f} | {st['certified']} | "
                     f"{st['fallbacks']} |"
                 )
             else:
