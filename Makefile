@@ -45,10 +45,11 @@ $(STAMP): pyproject.toml constraints/torch-cpu.txt
 
 # ---- tests --------------------------------------------------------------------------
 # The tiny zoo is built first (cached; a cold build takes about a minute), then pytest
-# runs the tests and nbmake executes every notebook with the tiny profile.
+# runs the tests and nbmake executes every notebook with the tiny profile. The per-cell timeout
+# (1200 s) is there to catch hangs: on a loaded machine a cell of notebook 03 took over 300 s.
 test: $(STAMP)
 	$(PY) -m featmatch.cli zoo build --profile $(TEST_PROFILE)
-	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake tests notebooks
+	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests
