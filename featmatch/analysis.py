@@ -1007,17 +1007,23 @@ def shuffled_cost(matching: Matching, seed: int = 0) -> Matching:
     return Matching(perm=matching.perm, cost=cost, n_b=matching.n_b, meta={**matching.meta, "cost": "shuffled"})
 
 
-def transfer_scale(matching: Matching, sae_a: Any, sae_b: Any) -> np.ndarray:
-    r"""Per feature of A, the folded transfer scale :math:`\theta^B_{\pi(i)}/\theta^A_i` (NaN if unmatched).
-
-    Folded encode-permute-decode multiplies feature i's activation by it (Eq. 4 in Eq. 5).
-    """
+def _pair_thetas(matching: Matching, sae_a: Any, sae_b: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ok, theta_a, theta_b of the partner)`` per feature of A (the partner's θ is 1 where unmatched)."""
     th_a, th_b = thetas(sae_a), thetas(sae_b)
     perm = matching.perm
     if th_a.shape[0] != perm.shape[0] or th_b.shape[0] != matching.n_b:
         raise ValueError("matching and SAEs disagree on the number of features")
     ok = perm >= 0
-    return np.where(ok, th_b[np.where(ok, perm, 0)] / th_a, np.nan)
+    return ok, th_a, np.where(ok, th_b[np.where(ok, perm, 0)], 1.0)
+
+
+def transfer_scale(matching: Matching, sae_a: Any, sae_b: Any) -> np.ndarray:
+    r"""Per feature of A, the folded transfer scale :math:`\theta^B_{\pi(i)}/\theta^A_i` (NaN if unmatched).
+
+    Folded encode-permute-decode multiplies feature i's activation by it (Eq. 4 in Eq. 5).
+    """
+    ok, th_a, th_partner = _pair_thetas(matching, sae_a, sae_b)
+    return np.where(ok, th_partner / th_a, np.nan)
 
 
 def drop_small_thresholds(matching: Matching, sae_a: Any, sae_b: Any, min_theta: float = 1e-2) -> Matching:
@@ -1034,15 +1040,10 @@ def drop_small_thresholds(matching: Matching, sae_a: Any, sae_b: Any, min_theta:
 
     if min_theta <= 0:
         raise ValueError(f"min_theta must be > 0, got {min_theta}")
-    th_a, th_b = thetas(sae_a), thetas(sae_b)
-    perm = matching.perm
-    if th_a.shape[0] != perm.shape[0] or th_b.shape[0] != matching.n_b:
-        raise ValueError("matching and SAEs disagree on the number of features")
-    ok = perm >= 0
-    small = ok & ((th_a < min_theta) | (th_b[np.where(ok, perm, 0)] < min_theta))
-    new_perm = np.where(small, -1, perm)
+    ok, th_a, th_partner = _pair_thetas(matching, sae_a, sae_b)
+    small = ok & ((th_a < min_theta) | (th_partner < min_theta))
     return Matching(
-        perm=new_perm,
+        perm=np.where(small, -1, matching.perm),
         cost=np.where(small, np.nan, matching.cost),
         n_b=matching.n_b,
         meta={**matching.meta, "min_theta": float(min_theta), "n_small_theta_dropped": int(small.sum())},

@@ -233,8 +233,8 @@ def test_core_lsa_and_dijkstra_duals_match_references(n, ties, seed):
     if pot is None:
         import lapjv
 
-        pot = np.asarray(lapjv.lapjv(E, force_doubles=True)[2][2], dtype=float)
-        pc = np.asarray(lapjv.lapjv(E, force_doubles=True)[0], dtype=np.int64)
+        row_to_col, _, (_, _, p) = lapjv.lapjv(E, force_doubles=True)
+        pc, pot = np.asarray(row_to_col, dtype=np.int64), np.asarray(p, dtype=float)
     v = lap._largest_duals_dijkstra(E, pc, pot)
     np.testing.assert_allclose(v, _bellman_ford_largest_v(E, pc), rtol=0, atol=1e-9)
     e = E[np.arange(n), pc]
