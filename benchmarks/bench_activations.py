@@ -1,6 +1,6 @@
-"""Throughput of :func:`featmatch.activations.gather` against the bare forward.
+"""Throughput of :func:`featmatch.lm.activations.gather` against the bare forward.
 
-Runs on the real SmolLM2-135M (``featmatch.models.load_model``) with one SAE per layer on
+Runs on the real SmolLM2-135M (``featmatch.lm.models.load_model``) with one SAE per layer on
 all 30 layers (width 1024) and a few adjacent layer pairs, and compares tokens/s of
 
 * the bare forward: ``model(batch, stop_at_layer=30)`` under ``torch.no_grad()``, and
@@ -74,7 +74,7 @@ def realistic_saes(model, tokens: torch.Tensor, width: int, seed: int = 0) -> di
 def zoo_saes(profile: str, n_layers: int) -> dict | None:
     """Every layer's SAE of a built zoo profile, or None if any is missing (partial build)."""
     try:
-        from featmatch.zoo import load_zoo_sae
+        from featmatch.saes.zoo import load_zoo_sae
 
         return {L: load_zoo_sae(profile, L) for L in range(n_layers)}
     except Exception as exc:  # not built, partially built, or zoo module unavailable
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from featmatch.activations import gather
-    from featmatch.corpus import token_batches
-    from featmatch.models import load_model
+    from featmatch.lm.activations import gather
+    from featmatch.lm.corpus import token_batches
+    from featmatch.lm.models import load_model
 
     t0 = time.perf_counter()
     model = load_model(args.model)

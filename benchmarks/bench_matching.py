@@ -10,7 +10,7 @@ Every configuration runs in its own subprocess (clean peak RSS, read from
   ``(|a|^2 + |b|^2 - 2 A B^T) / D`` (in place, to keep its memory at one matrix) and
   ``scipy.optimize.linear_sum_assignment``; for shapes where that matrix does not fit,
   only its memory estimate is printed;
-* ``sparse`` ``featmatch.lap.sparse_match`` (one blocked pass with top-k candidates, fixed
+* ``sparse`` ``featmatch.matching.sparse_match`` (one blocked pass with top-k candidates, fixed
   mutual-best pairs, the remaining core solved densely and exactly, duals and an optimality
   certificate over all pairs; scipy's import is done outside the timed region, as for
   ``dense``).
@@ -130,11 +130,11 @@ def _peak_rss_gb() -> float:
 
 
 def worker(kind: str, f: int, d: int, seed: int, workdir: Path, k: int | None = None) -> dict:
-    from featmatch.lap import default_block_size, sparse_match
+    from featmatch.matching import default_block_size, sparse_match
 
     res: dict = {"kind": kind, "F": f, "d": d}
     if kind == "stack":
-        from featmatch.lap import match_stack
+        from featmatch.matching import match_stack
 
         n_layers = int(os.environ.get("BENCH_STACK_LAYERS", "26"))
         t = time.perf_counter()
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(lines[-3:]), flush=True)
     lines += [
         "",
-        "Columns: *floor* = one blocked float32 product F x d by d x F; *sparse* = `featmatch.lap.sparse_match` "
+        "Columns: *floor* = one blocked float32 product F x d by d x F; *sparse* = `featmatch.matching.sparse_match` "
         "end to end (candidates, fixed pairs + dense exact core, duals, certificate); *path* `core` = the fast "
         "path certified, `sparse` = the general LAPJVsp loop ran; *core* = rows solved densely; *dense* = numpy float64 cost matrix + scipy "
         "`linear_sum_assignment`; *rel. gap* = the sparse assignment's cost minus the dense optimum, on the dense "

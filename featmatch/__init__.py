@@ -33,11 +33,11 @@ _LAZY = {
     "compose": "featmatch.matching",
     "paths": "featmatch.matching",
     "Matching": "featmatch.matching",
-    "match_stack": "featmatch.lap",
+    "match_stack": "featmatch.matching",
 }
 
 if TYPE_CHECKING:
-    from featmatch.lap import match_stack
+    from featmatch.matching import match_stack
     from featmatch.matching import Matching, compose, match, paths
     from featmatch.saes import fold, load_sae, weights
 

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe(sae: Any) -> str:
-    from featmatch.saes import weights
+    from featmatch.saes._sae import weights
 
     w = weights(sae)
     return f"{w.architecture}, d_in={w.d_in}, F={w.d_sae}, hook={w.hook_name}"
@@ -147,15 +147,15 @@ def _summary(m: Any, seconds_load: float, seconds_match: float) -> list[str]:
 
 
 def _arrays_name(meta_path: Any) -> str:
-    from featmatch.matching import Matching
+    from featmatch.matching._matching import Matching
 
     arrays = Matching.arrays_file(meta_path)
     return arrays.name if arrays is not None else "?"
 
 
 def _cmd_match(args: argparse.Namespace) -> int:
-    from featmatch.matching import match
-    from featmatch.saes import load_sae
+    from featmatch.matching._matching import match
+    from featmatch.saes._sae import load_sae
 
     if args.unmatched_quantile is not None and not 0.0 <= args.unmatched_quantile <= 1.0:
         raise ValueError(f"--unmatched-quantile must lie in [0, 1], got {args.unmatched_quantile}")
@@ -191,7 +191,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
-    from featmatch.matching import Matching, compose
+    from featmatch.matching._matching import Matching, compose
 
     t0 = time.perf_counter()
     m = compose(Matching.load(args.m1), Matching.load(args.m2))
@@ -204,7 +204,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from featmatch import zoo
+    from featmatch.saes import zoo
 
     path = zoo.build_zoo(profile=args.profile, force=args.force)
     print(f"zoo '{args.profile}' ready: {path}")
@@ -212,7 +212,7 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_info(args: argparse.Namespace) -> int:
-    from featmatch import zoo
+    from featmatch.saes import zoo
 
     man = zoo.manifest(args.profile)
     if args.json:
@@ -228,7 +228,7 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
-    from featmatch import book
+    from featmatch.chapters import run as book
 
     params = {key: book.parse_param(value) for key, value in args.param}
     if args.out is None:

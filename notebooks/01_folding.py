@@ -22,7 +22,7 @@
 # * judge labels per layer for folded and unfolded matches (Figs. 4, 7 left);
 # * a claims table at the end.
 #
-# All computation happens in the `featmatch` library (`featmatch.analysis` for the tables and
+# All computation happens in the `featmatch` library (`featmatch.chapters.analysis` for the tables and
 # figures); this notebook only sets parameters, calls it, and comments.
 
 # %% tags=["parameters"]
@@ -53,7 +53,7 @@ JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanati
 # GPT-2's `res-jb` SAEs are ReLU SAEs with no threshold (θ = 1), so folding is the identity and
 # folded and unfolded matching must agree there, which is a useful check. Their 24,576 features
 # and Gemma Scope's 16,384 make the pair statistics large (`2 × 8 × F²` bytes per layer pair, about
-# 4.3 GB at 16k), so choose a few layers. Neuronpedia explanations (`featmatch.explanations`) can
+# 4.3 GB at 16k), so choose a few layers. Neuronpedia explanations (`featmatch.judging.explanations`) can
 # replace the context summaries with `JUDGE_VARIANT = "explanations"`.
 
 # %%
@@ -61,10 +61,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from featmatch import analysis as fa
-from featmatch.experiment import claims_table, load_setup, save_figure
-from featmatch.explanations import ContextExplanations
-from featmatch.judges import available_judge, label_counts
+from featmatch.chapters import analysis as fa
+from featmatch.chapters.claims import claims_table
+from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.judging.explanations import ContextExplanations
+from featmatch.judging.judges import available_judge, label_counts
 
 pd.set_option("display.max_colwidth", 120)
 pd.set_option("display.width", 200)
@@ -294,7 +295,7 @@ label_counts(judged, by="matching")
 # ## Claims
 #
 # Each row's verdict is computed from the numbers above by a rule stated in the row
-# (`featmatch.analysis.claim_*`). A claim about a share of cases (pairs or layers) is "held" at 75%
+# (`featmatch.chapters.analysis.claim_*`). A claim about a share of cases (pairs or layers) is "held" at 75%
 # or more, "failed" at 25% or less and "mixed" in between. The early layers are the first third of
 # the model's depth (the paper's layers 0–9 of 26).
 

@@ -48,10 +48,11 @@ JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanati
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from featmatch import analysis as fa
-from featmatch.experiment import claims_table, load_setup, save_figure
-from featmatch.explanations import ContextExplanations
-from featmatch.judges import available_judge
+from featmatch.chapters import analysis as fa
+from featmatch.chapters.claims import claims_table
+from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.judging.explanations import ContextExplanations
+from featmatch.judging.judges import available_judge
 
 pd.set_option("display.max_colwidth", 110)
 pd.set_option("display.width", 200)
@@ -186,7 +187,7 @@ for f, g in paths.groupby("path"):
 # %% [markdown]
 # ## Claims
 #
-# Verdicts are computed from the table above (`featmatch.analysis`). *Hypothesis 3* is "held" when
+# Verdicts are computed from the table above (`featmatch.chapters.analysis`). *Hypothesis 3* is "held" when
 # the exact match scores at least as well as the composed one in at least 75% of the (start,
 # distance ≥ 2) cells and the gap grows with distance (positive Spearman correlation), and
 # "failed" when exact is at least as good in at most 25% of the cells (or the gap never grows

@@ -60,9 +60,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from featmatch import analysis as fa
-from featmatch.experiment import claims_table, load_setup, save_figure
-from featmatch.pruning import pruning_sweep
+from featmatch.chapters import analysis as fa
+from featmatch.chapters.claims import claims_table
+from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.evaluation.pruning import pruning_sweep
 
 pd.set_option("display.width", 200)
 
@@ -197,7 +198,7 @@ hybrid.pivot_table(index=["layer", "q"], columns="order", values="ev").round(3)
 # %%
 study = pd.DataFrame()
 if setup.sae_set.startswith("featmatch-"):
-    from featmatch.zoo import load_zoo_sae, quality_table
+    from featmatch.saes.zoo import load_zoo_sae, quality_table
 
     quality = quality_table(PROFILE)
     l0 = {(r.variant, int(r.layer)): float(r.l0) for r in quality.itertuples()}
@@ -270,7 +271,7 @@ early.round(3)
 # %% [markdown]
 # ## Claims
 #
-# Verdicts are computed from the tables above (`featmatch.analysis`). A claim about a share of
+# Verdicts are computed from the tables above (`featmatch.chapters.analysis`). A claim about a share of
 # cases is "held" at 75% or more and "failed" at 25% or less. *Pruning costs little in later
 # layers*: the median, over the later two thirds of the layers, of ΔCE(folded EPD) −
 # ΔCE(encode-decode current), the cost of pruning beyond the SAE's own reconstruction error;

@@ -69,12 +69,14 @@ import numpy as np
 import pandas as pd
 
 from featmatch import semantic as S
-from featmatch import semantic_report as R
-from featmatch.activations import gather
-from featmatch.corpus import token_batches
-from featmatch.experiment import Claim, claims_table, load_setup, save_figure
-from featmatch.explanations import ContextExplanations
-from featmatch.judges import available_judge
+from featmatch.chapters import semantic_ot as R
+from featmatch.lm.activations import gather
+from featmatch.lm.corpus import token_batches
+from featmatch.chapters.claims import Claim, claims_table
+from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.judging.explanations import ContextExplanations
+from featmatch.judging.judges import available_judge
+from featmatch.evaluation.metrics import activation_correlation, matching_score
 from featmatch.saes import sae_set
 
 pd.set_option("display.precision", 3)
@@ -297,8 +299,8 @@ for label, space in spaces.items():
         {
             "space": label,
             "k": space.k,
-            "matching_score": float(np.nanmean(stats_eval.pair_score(la, lb, m))),
-            "correlation": float(np.nanmean(stats_eval.pair_corr(la, lb, m))),
+            "matching_score": float(np.nanmean(matching_score(stats_eval, la, lb, m).per_feature)),
+            "correlation": float(np.nanmean(activation_correlation(stats_eval, la, lb, m).per_feature)),
             "agreement_with_default": float((m.perm[both] == main.perm[both]).mean())
             if both.any()
             else float("nan"),

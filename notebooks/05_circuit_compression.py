@@ -23,7 +23,7 @@
 # 5. the compressed graph as a figure and as circuit-tracer / Neuronpedia JSON;
 # 6. a claims table whose verdicts are computed from the numbers.
 #
-# The scores are featmatch's own definitions (docstring of `featmatch._supernodes`). With
+# The scores are featmatch's own definitions (docstring of `featmatch.circuits._supernodes`). With
 # $m(C)$ the mean task metric (logit of the right sum minus the logit of the next digit) when
 # only the nodes in $C$ keep their values and every other SAE feature and error term of the
 # graph's layers is replaced by its mean over the prompts:
@@ -45,7 +45,7 @@ import os
 PROFILE = os.environ.get("FEATMATCH_PROFILE", "quick")
 MODEL = "smollm2-135m"
 SAE_SET = None  # None: the featmatch zoo of PROFILE
-LAYERS = None  # None: the profile's default subset (featmatch.compression_report.PROFILE_DEFAULTS)
+LAYERS = None  # None: the profile's default subset (featmatch.chapters.compression.PROFILE_DEFAULTS)
 FORMATS = ["sentence"]  # prompt formats the graph is built on (keys of circuits.ADDITION_FORMATS)
 N_PROMPTS = None  # correctly answered prompts the graph aggregates (None: profile default)
 NODE_BUDGET = None  # nodes kept in the graph, error nodes included (None: profile default)
@@ -87,10 +87,11 @@ import torch
 from IPython.display import display
 
 from featmatch import circuits as C
-from featmatch import compression_report as R
-from featmatch.experiment import Claim, claims_table, save_figure
-from featmatch.explanations import ContextExplanations
-from featmatch.judges import available_judge
+from featmatch.chapters import compression as R
+from featmatch.chapters.claims import Claim, claims_table
+from featmatch.chapters.setup import save_figure
+from featmatch.judging.explanations import ContextExplanations
+from featmatch.judging.judges import available_judge
 from featmatch.semantic import reference_coordinates
 
 warnings.filterwarnings("ignore", category=UserWarning)

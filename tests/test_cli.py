@@ -109,7 +109,7 @@ def test_d_in_mismatch_is_one_line_error(sae_dirs, tmp_path, capsys):
 
 
 def test_interrupted_match_leaves_no_partial_output(sae_dirs, tmp_path, monkeypatch, capsys):
-    import featmatch.matching as fm
+    import featmatch.matching._matching as fm
 
     a, b, _ = sae_dirs
     out_dir = tmp_path / "out"
@@ -188,14 +188,14 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
 @pytest.fixture
 def fake_modules(monkeypatch):
     calls: dict[str, list] = {"build": [], "manifest": [], "run": []}
-    zoo = types.ModuleType("featmatch.zoo")
+    zoo = types.ModuleType("featmatch.saes.zoo")
     zoo.build_zoo = lambda profile, force=False: (
         calls["build"].append((profile, force)) or Path("/tmp/manifest.json")
     )
     zoo.manifest = lambda profile: (
         calls["manifest"].append(profile) or {"profile": profile, "layers": [0, 1, 2]}
     )
-    book = types.ModuleType("featmatch.book")
+    book = types.ModuleType("featmatch.chapters.run")
 
     def parse_param(value):
         try:
@@ -246,7 +246,7 @@ def test_run_notebook_dispatch(fake_modules):
 
 
 def test_missing_zoo_module_is_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "featmatch.zoo", None)
+    monkeypatch.setitem(sys.modules, "featmatch.saes.zoo", None)
     monkeypatch.delattr(featmatch, "zoo", raising=False)
     assert main(["zoo", "info", "--profile", "tiny"]) == 2
     err = capsys.readouterr().err

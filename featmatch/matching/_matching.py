@@ -1,0 +1,749 @@
+"""Data-free SAE Match: feature costs from SAE parameters, exact assignment, composition.
+
+SAE Match (Balagansky et al. 2025) pairs the features of two SAEs, A and B, by solving the
+linear assignment problem (LAP) on the distance between their (folded) parameters:
+
+.. math::
+
+    P^{(A\\to B)} = \\arg\\min_{P \\in \\mathcal P_F}
+        \\sum_{i=1}^{F} \\big\\| v^{A}_{i} - (P\\, V^{B})_{i} \\big\\|^2
+      = \\arg\\max_{P \\in \\mathcal P_F} \\big\\langle P,\\ V^{A} {V^{B}}^{\\top} \\big\\rangle_F
+    \\qquad \\text{(Eq. 3)}
+
+where row :math:`v_i` of :math:`V` is feature *i*'s parameter vector: its decoder row
+:math:`W_{dec}[i]`, its encoder column :math:`W_{enc}[:, i]`, both concatenated, and
+optionally its encoder bias, each taken after threshold folding (Eq. 4, see
+:func:`featmatch.saes.fold`). featmatch solves the LAP on the full cost matrix, so it
+needs no reduction to inner products; note that such a reduction is only exact for
+square problems. For a rectangular pair (:math:`F_A < F_B`) not every column is used, so
+the column-norm term :math:`\\|v^B_j\\|^2` changes the optimum and only the row-constant
+term :math:`\\|v^A_i\\|^2` may be dropped.
+
+Definitions featmatch adds (the paper leaves them open):
+
+* ``metric="mse"`` is the *mean* squared difference over the D concatenated coordinates,
+  :math:`C_{ij} = \\|v^A_i - v^B_j\\|^2 / D`; ``"cosine"`` is :math:`1 - \\cos(v^A_i, v^B_j)`
+  (a zero vector has cosine 0 with everything).
+* ``include_b_enc`` appends the *effective* encoder bias
+  :math:`b_{enc} - b_{dec} W_{enc}` when the SAE subtracts ``b_dec`` from its input
+  (SAELens ``apply_b_dec_to_input``), so the bias means the same thing for every SAE.
+* Unmatched features: after the exact assignment, pairs whose cost is above a threshold
+  (``unmatched_above``) or above the ``unmatched_quantile`` of the assigned costs are
+  marked ``-1``. For :math:`F_A > F_B` the :math:`F_A - F_B` rows left without a column are
+  ``-1`` as well.
+
+References
+----------
+.. [1] N. Balagansky, I. Maksimov, D. Gavrilov. "Mechanistic Permutability: Match Features
+   Across Layers." ICLR 2025, arXiv:2410.07656. Eq. 3 (matching), Eq. 4 (folding),
+   Sec. 3.2 (composition).
+.. [2] S. Ainsworth, J. Hayase, S. Srinivasa. "Git Re-Basin." ICLR 2023 (weight matching as a LAP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from featmatch._io import _json_default, atomic_write_bytes, atomic_write_json, sha256_file
+from featmatch.saes._sae import SAEWeights, check_same_d_in, weights
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sae_lens import SAE
+
+__all__ = [
+    "Matching",
+    "MatchingFileError",
+    "feature_vectors",
+    "pairwise_cost",
+    "cost_matrix",
+    "assign",
+    "match",
+    "compose",
+    "paths",
+]
+
+On = Literal["encoder", "decoder", "both"]
+Metric = Literal["mse", "cosine"]
+Solver = Literal["auto", "dense", "sparse"]
+
+_ONS = ("encoder", "decoder", "both")
+_METRICS = ("mse", "cosine")
+_SOLVERS = ("auto", "dense", "sparse")
+FORMAT = "featmatch.matching"
+FORMAT_VERSION = 1
+
+
+class MatchingFileError(ValueError):
+    """A matching file is unreadable, corrupt, partial, or does not match its array file."""
+
+
+# --------------------------------------------------------------------------------------
+# Feature vectors and costs
+# --------------------------------------------------------------------------------------
+
+
+def _check_option(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def feature_vectors(
+    sae: SAE | SAEWeights, on: On = "both", fold: bool = True, include_b_enc: bool = False
+) -> torch.Tensor:
+    """One parameter vector per feature, the rows compared by SAE Match.
+
+    .. math::
+
+        v_i = \\big[\\, W_{enc}[:, i]/\\theta_i \\ \\|\\ \\theta_i W_{dec}[i] \\ \\|\\
+              \\ b^{eff}_{enc,i}/\\theta_i \\,\\big]
+
+    with the parts selected by ``on`` and ``include_b_enc``; without folding (or for an SAE
+    without thresholds) :math:`\\theta_i = 1`.
+
+    Parameters
+    ----------
+    sae : sae_lens.SAE or SAEWeights
+    on : {"encoder", "decoder", "both"}
+        Encoder columns, decoder rows, or both concatenated (encoder first).
+    fold : bool
+        Apply threshold folding (Eq. 4) first. A no-op for SAEs without a threshold.
+    include_b_enc : bool
+        Append the effective encoder bias (one coordinate).
+
+    Returns
+    -------
+    (F, D) torch.Tensor, float32
+        D is ``d_in``, ``2 * d_in`` for ``"both"``, plus one with ``include_b_enc``.
+    """
+    _check_option("on", on, _ONS)
+    w = weights(sae)
+    # float32 throughout: one rounding per entry, and no float64 copy of a (F, d) matrix
+    theta = w.threshold if (fold and w.threshold is not None) else None
+    parts: list[torch.Tensor] = []
+    if on in ("encoder", "both"):
+        parts.append(w.W_enc.T / theta[:, None] if theta is not None else w.W_enc.T)
+    if on in ("decoder", "both"):
+        parts.append(w.W_dec * theta[:, None] if theta is not None else w.W_dec)
+    if include_b_enc:
+        b = w.b_enc_effective
+        parts.append((b / theta if theta is not None else b)[:, None])
+    return torch.cat(parts, dim=1).to(torch.float32).contiguous()
+
+
+def pairwise_cost(
+    x_a: torch.Tensor, x_b: torch.Tensor, metric: Metric = "mse", block_size: int = 2048
+) -> np.ndarray:
+    """Cost between every row of ``x_a`` and every row of ``x_b``, computed in row blocks.
+
+    .. math::
+
+        C^{mse}_{ij} = \\frac{\\|a_i\\|^2 + \\|b_j\\|^2 - 2\\, a_i\\!\\cdot b_j}{D},\\qquad
+        C^{cos}_{ij} = 1 - \\frac{a_i\\!\\cdot b_j}{\\|a_i\\|\\,\\|b_j\\|}
+
+    The inner products are float32 matrix products (one ``(block_size, F_B)`` block at a
+    time); squared norms and the combination are float64. Only the float64 output is
+    ``(F_A, F_B)``; no second matrix of that size is ever held.
+
+    Parameters
+    ----------
+    x_a : (F_A, D) torch.Tensor
+    x_b : (F_B, D) torch.Tensor
+    metric : {"mse", "cosine"}
+    block_size : int
+        Rows of ``x_a`` per block.
+
+    Returns
+    -------
+    (F_A, F_B) np.ndarray, float64
+        MSE costs are clipped at 0, cosine costs to [0, 2].
+    """
+    _check_option("metric", metric, _METRICS)
+    if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[1] != x_b.shape[1]:
+        raise ValueError(
+            f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    a32 = x_a.detach().to("cpu", torch.float32)
+    b32 = x_b.detach().to("cpu", torch.float32)
+    d = a32.shape[1]
+    na = (a32.double() ** 2).sum(1)
+    nb = (b32.double() ** 2).sum(1)
+    out = np.empty((a32.shape[0], b32.shape[0]), dtype=np.float64)
+    out_t = torch.from_numpy(out)
+    b32_t = b32.T.contiguous()
+    if metric == "cosine":
+        ra = na.sqrt()
+        rb = nb.sqrt()
+    for i0 in range(0, a32.shape[0], block_size):
+        i1 = min(i0 + block_size, a32.shape[0])
+        g = (a32[i0:i1] @ b32_t).double()
+        if metric == "mse":
+            g.mul_(-2.0).add_(na[i0:i1, None]).add_(nb[None, :]).div_(d).clamp_(min=0.0)
+        else:
+            denom = ra[i0:i1, None] * rb[None, :]
+            g = torch.where(
+                denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g)
+            )
+            g.neg_().add_(1.0).clamp_(0.0, 2.0)
+        out_t[i0:i1] = g
+        del g
+    return out
+
+
+def cost_matrix(
+    sae_a: SAE | SAEWeights,
+    sae_b: SAE | SAEWeights,
+    on: On = "both",
+    metric: Metric = "mse",
+    fold: bool = True,
+    include_b_enc: bool = False,
+    block_size: int = 2048,
+) -> np.ndarray:
+    """The SAE Match cost between every feature of SAE A and every feature of SAE B.
+
+    :math:`C_{ij}` compares :func:`feature_vectors` row *i* of A with row *j* of B (see
+    :func:`pairwise_cost` for the formulas).
+
+    Parameters
+    ----------
+    sae_a, sae_b : sae_lens.SAE or SAEWeights
+        Two SAEs on hidden states of the same width ``d_in``.
+    on, metric, fold, include_b_enc
+        As in :func:`match`.
+    block_size : int
+        Rows per block of the blocked computation.
+
+    Returns
+    -------
+    (F_A, F_B) np.ndarray, float64
+
+    Raises
+    ------
+    ValueError
+        On a ``d_in`` mismatch, bad weights (NaN/Inf, :math:`\\theta \\le 0`) or bad options.
+    """
+    _check_option("on", on, _ONS)
+    _check_option("metric", metric, _METRICS)
+    wa, wb = weights(sae_a), weights(sae_b)
+    check_same_d_in(wa, wb)
+    xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
+    xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
+    return pairwise_cost(xa, xb, metric=metric, block_size=block_size)
+
+
+def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact minimum-cost assignment of rows to columns (scipy ``linear_sum_assignment``).
+
+    .. math::
+
+        \\min_{\\pi\\ \\text{injective}} \\sum_{i} C_{i, \\pi(i)}
+
+    over the :math:`\\min(F_A, F_B)` rows that can be assigned (all rows when
+    :math:`F_A \\le F_B`).
+
+    Parameters
+    ----------
+    cost : (F_A, F_B) array-like
+        Finite costs.
+
+    Returns
+    -------
+    perm : (F_A,) np.ndarray of int64
+        Column assigned to each row, or -1.
+    pair_cost : (F_A,) np.ndarray of float64
+        ``cost[i, perm[i]]``, NaN where ``perm[i] == -1``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2:
+        raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
+    if not np.isfinite(cost.sum()) and not np.isfinite(cost).all():  # cheap check first, no (F_A, F_B) mask
+        raise ValueError(f"cost matrix contains {int((~np.isfinite(cost)).sum())} non-finite values")
+    perm = np.full(cost.shape[0], -1, dtype=np.int64)
+    pair_cost = np.full(cost.shape[0], np.nan, dtype=np.float64)
+    if cost.size:
+        rows, cols = linear_sum_assignment(cost)
+        perm[rows] = cols
+        pair_cost[rows] = cost[rows, cols]
+    return perm, pair_cost
+
+
+# --------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Matching:
+    """A (partial) map from the features of SAE A to the features of SAE B.
+
+    Attributes
+    ----------
+    perm : (F_A,) np.ndarray of int64
+        ``perm[i]`` is the feature of B matched to feature *i* of A, or -1 if unmatched.
+    cost : (F_A,) np.ndarray of float64
+        Cost of each pair; NaN where unmatched (forced on construction).
+    n_b : int
+        Number of features of B.
+    meta : dict
+        Settings used and provenance (JSON-serialisable).
+    """
+
+    perm: np.ndarray
+    cost: np.ndarray
+    n_b: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        perm = np.asarray(self.perm)
+        if perm.ndim != 1 or (perm.size and not np.issubdtype(perm.dtype, np.integer)):
+            raise ValueError(f"Matching.perm must be a 1-D integer array, got {perm.dtype} {perm.shape}")
+        self.perm = perm.astype(np.int64, copy=True)
+        self.cost = np.asarray(self.cost, dtype=np.float64).copy()
+        if self.cost.shape != self.perm.shape:
+            raise ValueError(f"Matching.cost has shape {self.cost.shape}, perm has {self.perm.shape}")
+        self.n_b = int(self.n_b)
+        if self.n_b < 0:
+            raise ValueError(f"Matching.n_b must be >= 0, got {self.n_b}")
+        if self.perm.size and (self.perm.min() < -1 or self.perm.max() >= self.n_b):
+            raise ValueError(
+                f"Matching.perm values must lie in [-1, {self.n_b}); got [{self.perm.min()}, {self.perm.max()}]"
+            )
+        self.cost[self.perm < 0] = np.nan
+        self.meta = dict(self.meta)
+
+    # -- views ---------------------------------------------------------------------
+    @property
+    def n_a(self) -> int:
+        """Number of features of A."""
+        return int(self.perm.shape[0])
+
+    @property
+    def matched(self) -> np.ndarray:
+        """(F_A,) bool mask of matched features of A."""
+        return self.perm >= 0
+
+    @property
+    def n_matched(self) -> int:
+        """Number of matched features."""
+        return int(self.matched.sum())
+
+    @property
+    def total_cost(self) -> float:
+        """Sum of the costs of the matched pairs."""
+        return float(self.cost[self.matched].sum())
+
+    @property
+    def is_injective(self) -> bool:
+        """Whether no feature of B is used twice (true for every LAP solution)."""
+        used = self.perm[self.matched]
+        return bool(np.unique(used).size == used.size)
+
+    def __repr__(self) -> str:
+        return f"Matching(n_a={self.n_a}, n_b={self.n_b}, n_matched={self.n_matched}, total_cost={self.total_cost:.6g})"
+
+    def inverse(self) -> Matching:
+        """The map from B back to A (unmatched features of B get -1).
+
+        Raises
+        ------
+        ValueError
+            If the matching is not injective (e.g. a many-to-one top-1 match).
+        """
+        if not self.is_injective:
+            raise ValueError("cannot invert a matching that maps several features of A to one feature of B")
+        inv = np.full(self.n_b, -1, dtype=np.int64)
+        cost = np.full(self.n_b, np.nan, dtype=np.float64)
+        idx = np.flatnonzero(self.matched)
+        inv[self.perm[idx]] = idx
+        cost[self.perm[idx]] = self.cost[idx]
+        return Matching(perm=inv, cost=cost, n_b=self.n_a, meta={"inverse_of": self.meta})
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per feature of A: ``feature_a``, ``feature_b`` (-1 if unmatched), ``cost``, ``matched``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "feature_a": np.arange(self.n_a),
+                "feature_b": self.perm,
+                "cost": self.cost,
+                "matched": self.matched,
+            }
+        )
+
+    # -- persistence ---------------------------------------------------------------
+    @staticmethod
+    def _meta_path(path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.suffix == ".npz":
+            raise ValueError(f"{path}: pass the metadata (.json) path; the arrays go to a sibling .npz file")
+        return path
+
+    @staticmethod
+    def arrays_file(meta_path: Path) -> Path | None:
+        """The array file an existing metadata file points to (None if unreadable)."""
+        try:
+            name = json.loads(meta_path.read_text(encoding="utf-8"))["arrays"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            return None
+        return meta_path.parent / name
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON metadata to ``path`` and the arrays to a sibling ``.npz`` file.
+
+        The array file is named ``<stem>.<sha256[:12]>.npz`` after its content and is
+        written first; the metadata (which records the name and full SHA-256) is then
+        written atomically (temporary file + rename), and only then is the array file of a
+        previous save under the same name removed. So at every moment the metadata on
+        disk points to a complete, matching array file, and a failed or interrupted save
+        leaves either the previous result or nothing.
+
+        Returns
+        -------
+        Path
+            The metadata path.
+        """
+        meta_path = self._meta_path(path)
+        buf = io.BytesIO()
+        np.savez(buf, perm=self.perm, cost=self.cost)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        npz_path = meta_path.with_name(f"{meta_path.stem}.{sha[:12]}.npz")
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "n_a": self.n_a,
+            "n_b": self.n_b,
+            "n_matched": self.n_matched,
+            "arrays": npz_path.name,
+            "arrays_sha256": sha,
+            "meta": self.meta,
+        }
+        json.dumps(header, default=_json_default)  # fail before writing anything if meta is not serialisable
+        old_npz = self.arrays_file(meta_path) if meta_path.exists() else None
+        npz_existed = npz_path.exists()
+        try:
+            atomic_write_bytes(npz_path, data)
+            atomic_write_json(meta_path, header)
+        except BaseException:
+            if not npz_existed and npz_path != old_npz:
+                npz_path.unlink(missing_ok=True)
+            raise
+        if old_npz is not None and old_npz != npz_path:
+            old_npz.unlink(missing_ok=True)
+        return meta_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Matching:
+        """Read a matching written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the metadata or array file is missing.
+        MatchingFileError
+            (a ``ValueError``) if either file is unreadable, corrupt, truncated, of another
+            format, or the arrays do not match the metadata (checksum, shapes, ranges).
+        """
+        meta_path = cls._meta_path(path)
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"matching file not found: {meta_path}")
+        try:
+            header = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MatchingFileError(
+                f"{meta_path}: not a readable matching file (corrupt or partial JSON: {exc})"
+            ) from exc
+        except OSError as exc:
+            raise MatchingFileError(f"{meta_path}: cannot read matching file ({exc})") from exc
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise MatchingFileError(f"{meta_path}: not a featmatch matching file (missing format {FORMAT!r})")
+        if header.get("version") != FORMAT_VERSION:
+            raise MatchingFileError(
+                f"{meta_path}: unsupported matching file version {header.get('version')!r}"
+            )
+        try:
+            n_a, n_b = int(header["n_a"]), int(header["n_b"])
+            arrays = str(header["arrays"])
+            sha = str(header["arrays_sha256"])
+            meta = dict(header.get("meta") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MatchingFileError(f"{meta_path}: matching metadata lacks or garbles {exc}") from exc
+        if not arrays or Path(arrays).name != arrays or arrays in (".", ".."):
+            raise MatchingFileError(
+                f"{meta_path}: bad array file name {arrays!r} (must be a file next to the metadata)"
+            )
+        npz_path = meta_path.parent / arrays
+        if not npz_path.is_file():
+            raise FileNotFoundError(f"array file of matching {meta_path} not found: {npz_path}")
+        if sha256_file(npz_path) != sha:
+            raise MatchingFileError(
+                f"{npz_path}: array file does not match its metadata {meta_path.name} (checksum differs; "
+                "partial write or files from different runs)"
+            )
+        try:
+            with np.load(npz_path, allow_pickle=False) as z:
+                perm, cost = z["perm"], z["cost"]
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise MatchingFileError(
+                f"{npz_path}: corrupt matching array file ({type(exc).__name__}: {exc})"
+            ) from exc
+        if perm.shape != (n_a,) or cost.shape != (n_a,):
+            raise MatchingFileError(
+                f"{npz_path}: arrays have shapes {perm.shape}, {cost.shape}; metadata says n_a={n_a}"
+            )
+        try:
+            return cls(perm=perm, cost=cost, n_b=n_b, meta=meta)
+        except ValueError as exc:
+            raise MatchingFileError(f"{npz_path}: invalid matching ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------
+# match / compose / paths
+# --------------------------------------------------------------------------------------
+
+
+def _mark_unmatched(
+    perm: np.ndarray, cost: np.ndarray, unmatched_above: float | None, unmatched_quantile: float | None
+) -> float | None:
+    """Set ``perm = -1`` (in place) where the assigned cost exceeds the threshold; return it."""
+    assigned = perm >= 0
+    if unmatched_quantile is not None:
+        if not assigned.any():
+            return None
+        threshold = float(np.quantile(cost[assigned], unmatched_quantile))
+    elif unmatched_above is not None:
+        threshold = float(unmatched_above)
+    else:
+        return None
+    drop = assigned & (cost > threshold)
+    perm[drop] = -1
+    cost[drop] = np.nan
+    return threshold
+
+
+def match(
+    sae_a: SAE | SAEWeights,
+    sae_b: SAE | SAEWeights,
+    on: On = "both",
+    metric: Metric = "mse",
+    fold: bool = True,
+    include_b_enc: bool = False,
+    solver: Solver = "auto",
+    unmatched_above: float | None = None,
+    unmatched_quantile: float | None = None,
+    *,
+    block_size: int = 2048,
+    k: int | None = None,
+    device: str | None = None,
+) -> Matching:
+    """Match the features of SAE A to those of SAE B (SAE Match, Balagansky et al. 2025).
+
+    Solves the LAP of Eq. 3 exactly on the cost of :func:`cost_matrix`:
+
+    .. math::
+
+        \\pi^\\star = \\arg\\min_{\\pi} \\sum_i C_{i\\pi(i)}, \\qquad
+        C_{ij} = \\tfrac{1}{D}\\|v^A_i - v^B_j\\|^2 \\ \\text{(mse)}\\ \\text{ or }\\
+                 1 - \\cos(v^A_i, v^B_j),
+
+    with :math:`v` the (folded, Eq. 4) feature vectors of :func:`feature_vectors`. Square
+    and rectangular pairs are supported; when :math:`F_A > F_B` the extra rows are -1.
+
+    Parameters
+    ----------
+    sae_a, sae_b : sae_lens.SAE or SAEWeights
+        SAEs on hidden states of the same width.
+    on : {"encoder", "decoder", "both"}
+        Parameters compared. The paper's main runs use both (Sec. 4).
+    metric : {"mse", "cosine"}
+    fold : bool
+        Fold thresholds first (Eq. 4). No-op for SAEs without a threshold.
+    include_b_enc : bool
+        Also compare the (effective, folded) encoder bias.
+    solver : {"auto", "dense", "sparse"}
+        ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is sparse
+        where it is measured faster, :math:`F_A F_B >` ``featmatch.matching.AUTO_SPARSE_ABOVE``
+        (4096², see ``docs/benchmarks.md``), or where the dense float64 matrix would take more
+        than 25% of the available RAM (``featmatch.matching.auto_solver``); else dense.
+        ``"sparse"`` calls ``featmatch.matching.sparse_match(x_a, x_b, metric=...)`` with the
+        (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.
+    unmatched_above : float, optional
+        Mark assigned pairs with cost above this value as unmatched (-1).
+    unmatched_quantile : float in [0, 1], optional
+        Mark assigned pairs with cost above this quantile of the assigned costs as
+        unmatched (e.g. 0.9 drops the 10% worst). Exclusive with ``unmatched_above``.
+    block_size : int
+        Rows per block of the cost computation.
+    k, device : optional
+        Passed to the sparse solver (candidates per row; where the product runs).
+
+    Returns
+    -------
+    Matching
+        With the settings, sizes, hooks and timing in ``meta`` (``unmatched_threshold`` is
+        the cost threshold actually applied).
+
+    Raises
+    ------
+    ValueError
+        On a ``d_in`` mismatch, NaN/Inf weights, :math:`\\theta \\le 0`, or bad options.
+    NotImplementedError
+        For ``solver="sparse"`` when ``featmatch.matching`` is not available.
+
+    Examples
+    --------
+    >>> m = match(sae_a, sae_b)                                   # doctest: +SKIP
+    >>> m.perm[:5], m.n_matched                                   # doctest: +SKIP
+    """
+    _check_option("on", on, _ONS)
+    _check_option("metric", metric, _METRICS)
+    _check_option("solver", solver, _SOLVERS)
+    if unmatched_above is not None and unmatched_quantile is not None:
+        raise ValueError("give at most one of unmatched_above and unmatched_quantile")
+    if unmatched_quantile is not None and not (0.0 <= float(unmatched_quantile) <= 1.0):
+        raise ValueError(f"unmatched_quantile must lie in [0, 1], got {unmatched_quantile}")
+    if unmatched_above is not None and not np.isfinite(unmatched_above):
+        raise ValueError(f"unmatched_above must be finite, got {unmatched_above}")
+    wa, wb = weights(sae_a), weights(sae_b)
+    check_same_d_in(wa, wb)
+
+    t0 = time.perf_counter()
+    if solver == "auto":
+        from featmatch.matching._lap import auto_solver
+
+        resolved = auto_solver(wa.d_sae, wb.d_sae)
+    else:
+        resolved = solver
+    if resolved == "dense":
+        cost = cost_matrix(
+            wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size
+        )
+        perm, pair_cost = assign(cost)
+        del cost
+    else:
+        try:
+            from featmatch.matching._lap import sparse_match
+        except ImportError as exc:
+            raise NotImplementedError(
+                "solver='sparse' needs featmatch.matching.sparse_match, which is not available yet; use solver='dense'"
+            ) from exc
+        xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
+        xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
+        opts = {key: val for key, val in (("k", k), ("device", device)) if val is not None}
+        perm, pair_cost = sparse_match(xa, xb, metric=metric, **opts)
+        perm = np.asarray(perm, dtype=np.int64).copy()
+        pair_cost = np.asarray(pair_cost, dtype=np.float64).copy()
+    threshold = _mark_unmatched(perm, pair_cost, unmatched_above, unmatched_quantile)
+    seconds = time.perf_counter() - t0
+
+    meta = {
+        "method": "sae_match",
+        "on": on,
+        "metric": metric,
+        "fold": bool(fold),
+        "include_b_enc": bool(include_b_enc),
+        "solver": resolved,
+        "unmatched_above": None if unmatched_above is None else float(unmatched_above),
+        "unmatched_quantile": None if unmatched_quantile is None else float(unmatched_quantile),
+        "unmatched_threshold": threshold,
+        "n_a": wa.d_sae,
+        "n_b": wb.d_sae,
+        "d_in": wa.d_in,
+        "hook_a": wa.hook_name,
+        "hook_b": wb.hook_name,
+        "architecture_a": wa.architecture,
+        "architecture_b": wb.architecture,
+        "folded_a": bool(fold and wa.threshold is not None),
+        "folded_b": bool(fold and wb.threshold is not None),
+        "seconds": round(seconds, 4),
+    }
+    return Matching(perm=perm, cost=pair_cost, n_b=wb.d_sae, meta=meta)
+
+
+def compose(m_ab: Matching, m_bc: Matching) -> Matching:
+    """Compose two matchings, :math:`P^{(A\\to C)} \\approx P^{(B\\to C)} P^{(A\\to B)}` (Sec. 3.2).
+
+    ``perm_ac[i] = m_bc.perm[m_ab.perm[i]]``; -1 propagates (a feature unmatched at either
+    step is unmatched). The composed cost is the sum of the two step costs (a path cost,
+    not the direct A→C cost; NaN where unmatched).
+
+    Raises
+    ------
+    ValueError
+        If ``m_ab.n_b != m_bc.n_a`` (the matchings do not chain).
+    """
+    if m_ab.n_b != m_bc.n_a:
+        raise ValueError(
+            f"cannot compose: the first matching maps into {m_ab.n_b} features, the second starts from {m_bc.n_a}"
+        )
+    ok = m_ab.perm >= 0
+    perm = np.full(m_ab.n_a, -1, dtype=np.int64)
+    perm[ok] = m_bc.perm[m_ab.perm[ok]]
+    cost = np.full(m_ab.n_a, np.nan, dtype=np.float64)
+    cost[ok] = m_ab.cost[ok] + m_bc.cost[m_ab.perm[ok]]
+    return Matching(perm=perm, cost=cost, n_b=m_bc.n_b, meta={"composed": [m_ab.meta, m_bc.meta]})
+
+
+def paths(
+    matchings: Sequence[Matching], start_features: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """Follow features through a chain of matchings (layer t → t+1 → ...).
+
+    Parameters
+    ----------
+    matchings : sequence of Matching
+        ``matchings[k]`` maps layer *k*'s features to layer *k+1*'s.
+    start_features : (n,) int array-like, optional
+        Features of the first layer; all of them by default.
+
+    Returns
+    -------
+    (n, len(matchings) + 1) np.ndarray of int64
+        Column *k* holds each path's feature at layer *k*; -1 from the first unmatched step on.
+    """
+    matchings = list(matchings)
+    for k in range(len(matchings) - 1):
+        if matchings[k].n_b != matchings[k + 1].n_a:
+            raise ValueError(
+                f"matchings {k} and {k + 1} do not chain: {matchings[k].n_b} features vs {matchings[k + 1].n_a}"
+            )
+    if start_features is None:
+        if not matchings:
+            raise ValueError("paths needs start_features when no matchings are given")
+        start = np.arange(matchings[0].n_a, dtype=np.int64)
+    else:
+        start = np.asarray(start_features)
+        if start.ndim != 1 or (start.size and not np.issubdtype(start.dtype, np.integer)):
+            raise ValueError(f"start_features must be a 1-D integer array, got {start.dtype} {start.shape}")
+        start = start.astype(np.int64)
+        if matchings and start.size and (start.min() < 0 or start.max() >= matchings[0].n_a):
+            raise ValueError(f"start_features must lie in [0, {matchings[0].n_a})")
+    out = np.full((start.size, len(matchings) + 1), -1, dtype=np.int64)
+    out[:, 0] = start
+    cur = start
+    for k, m in enumerate(matchings):
+        ok = cur >= 0
+        nxt = np.full_like(cur, -1)
+        nxt[ok] = m.perm[cur[ok]]
+        out[:, k + 1] = nxt
+        cur = nxt
+    return out
