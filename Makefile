@@ -28,7 +28,8 @@ BOOK_PROFILE ?= quick
 TEST_PROFILE ?= tiny
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
-export MPLBACKEND ?= Agg
+# No MPLBACKEND here: a notebook kernel that inherits MPLBACKEND=Agg draws nothing on plt.show(),
+# and the book then has no figures. pytest sets Agg for itself (tests/conftest.py).
 
 .PHONY: setup test test-unit book notebooks html bench sync lint clean-book
 
@@ -45,14 +46,16 @@ $(STAMP): pyproject.toml constraints/torch-cpu.txt
 
 # ---- tests --------------------------------------------------------------------------
 # The tiny zoo is built first (cached; a cold build takes about a minute), then pytest
-# runs the tests and nbmake executes every notebook with the tiny profile. The per-cell timeout
-# (1200 s) is there to catch hangs: on a loaded machine a cell of notebook 03 took over 300 s.
+# runs the tests, the docstring examples of the library (--doctest-modules featmatch) and
+# nbmake executes every notebook with the tiny profile. The per-cell timeout (1200 s) is
+# there to catch hangs: on a loaded machine a cell of notebook 03 took over 300 s.
 test: $(STAMP)
 	$(PY) -m featmatch.cli zoo build --profile $(TEST_PROFILE)
-	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 tests notebooks
+	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --doctest-modules featmatch tests
+	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules featmatch tests
 
 # ---- the book -----------------------------------------------------------------------
 book: $(STAMP)

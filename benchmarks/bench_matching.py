@@ -61,63 +61,22 @@ NOISE = 0.30
 
 
 # --------------------------------------------------------------------------------------
-# Planted data
+# Planted data (featmatch.synthetic, shared with the tests)
 # --------------------------------------------------------------------------------------
 
 
 def planted_pair(f: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """A planted pair ``(x_a, x_b, truth)``; ``truth[i]`` is A's feature i's partner in B or -1."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(f, d, generator=g)
-    a /= a.norm(dim=1, keepdim=True)
-    a *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
-    b = torch.randn(f, d, generator=g)  # starts as fresh features, partners overwritten below
-    b /= b.norm(dim=1, keepdim=True)
-    b *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
-    n_pair = int(round((1 - UNMATCHED) * f))
-    src = torch.randperm(f, generator=g)[:n_pair]  # A features with a partner
-    dst = torch.randperm(f, generator=g)[:n_pair]  # where they land in B
-    for s in range(0, n_pair, 4096):
-        i, j = src[s : s + 4096], dst[s : s + 4096]
-        x = a[i] * torch.exp(torch.empty(len(i), 1).uniform_(np.log(0.8), np.log(1.25), generator=g))
-        noise = torch.randn(len(i), d, generator=g)
-        noise *= NOISE * x.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True)
-        b[j] = x + noise
-    truth = np.full(f, -1, dtype=np.int64)
-    truth[src.numpy()] = dst.numpy()
-    return a.contiguous(), b.contiguous(), truth
+    """A planted pair ``(x_a, x_b, truth)`` (:func:`featmatch.synthetic.planted_vectors`)."""
+    from featmatch.synthetic import planted_vectors
+
+    return planted_vectors(f, d, seed, unmatched=UNMATCHED, noise=NOISE)
 
 
 def planted_chain(n_layers: int, f: int, d: int, seed: int = 0):
-    """Yield ``n_layers`` SAEWeights, each a planted successor of the previous (decoder rows)."""
-    from featmatch.saes import SAEWeights
+    """``n_layers`` planted SAEWeights (:func:`featmatch.synthetic.planted_weights_chain`)."""
+    from featmatch.synthetic import planted_weights_chain
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(f, d, generator=g)
-    x /= x.norm(dim=1, keepdim=True)
-    x *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
-    n_pair = int(round((1 - UNMATCHED) * f))
-    for layer in range(n_layers):
-        yield SAEWeights(
-            W_enc=x.T,
-            b_enc=torch.zeros(f),
-            W_dec=x,
-            b_dec=torch.zeros(d),
-            threshold=None,
-            architecture="standard",
-            hook_name=f"blocks.{layer}.hook_resid_post",
-        )
-        y = torch.randn(f, d, generator=g)
-        y /= y.norm(dim=1, keepdim=True)
-        y *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
-        src = torch.randperm(f, generator=g)[:n_pair]
-        dst = torch.randperm(f, generator=g)[:n_pair]
-        z = x[src] * torch.exp(torch.empty(n_pair, 1).uniform_(np.log(0.8), np.log(1.25), generator=g))
-        noise = torch.randn(n_pair, d, generator=g)
-        noise *= NOISE * z.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True)
-        y[dst] = z + noise
-        del z, noise
-        x = y
+    return planted_weights_chain(n_layers, f, d, seed, unmatched=UNMATCHED, noise=NOISE)
 
 
 # --------------------------------------------------------------------------------------

@@ -37,8 +37,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from featmatch.matching import match_stack
-    from featmatch.matching import Matching, compose, match, paths
+    from featmatch.matching import Matching, compose, match, match_stack, paths
     from featmatch.saes import fold, load_sae, weights
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_save",
     "sha256_file",
+    "tokens_sha256",
     "check_finite",
 ]
 
@@ -90,7 +91,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n"
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -109,6 +112,39 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def tokens_sha256(tokens: Any, *, terminated: bool = False) -> str:
+    """Hex SHA-256 of a token batch: its shape and its ids as contiguous int64.
+
+    The digest is taken over ``str(shape).encode()`` followed by the int64 bytes. Two
+    framings are in use as cache keys, and both are kept byte for byte:
+
+    * ``terminated=False``: the two parts back to back (the activation-statistics cache
+      key, :func:`featmatch.lm.activations.cache_key`);
+    * ``terminated=True``: each part followed by a ``NUL`` byte (the token hash a
+      :class:`featmatch.semantic.ReferenceSpace` stores to tie itself to its batch).
+
+    Parameters
+    ----------
+    tokens : torch.Tensor or array-like of int
+        Token ids, any shape (a tensor is moved to the CPU first).
+    terminated : bool
+        Use the NUL-terminated framing.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    if hasattr(tokens, "cpu") and callable(tokens.cpu):
+        tokens = tokens.cpu()
+    arr = np.ascontiguousarray(np.asarray(tokens), dtype=np.int64)
+    end = b"\x00" if terminated else b""
+    h = hashlib.sha256()
+    h.update(str(arr.shape).encode("utf-8") + end)
+    h.update(arr.tobytes() + end)
     return h.hexdigest()
 
 

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("KEY", "VALUE"),
         help="set a parameter",
     )
-    r.add_argument("--out", default=None, metavar="DIR", help="folder for the executed notebooks")
+    r.add_argument(
+        "--out", default="runs", metavar="DIR", help="folder for the executed notebooks (default runs)"
+    )
     r.set_defaults(func=_cmd_run_notebook)
     return p
 
@@ -219,7 +221,7 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
         print(json.dumps(man, indent=2, sort_keys=True, default=str))
         return 0
     print(f"zoo profile '{args.profile}'")
-    for key, value in sorted(man.items()) if isinstance(man, dict) else []:
+    for key, value in sorted(man.items()):
         if isinstance(value, dict | list):
             print(f"  {key}: {len(value)} entries")
         else:
@@ -228,17 +230,11 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
-    from featmatch.chapters import run as book
+    from featmatch.chapters.run import parse_param, run_notebook
 
-    params = {key: book.parse_param(value) for key, value in args.param}
-    if args.out is None:
-        runs = book.run_notebook(args.name, params)
-    else:
-        runs = book.run_notebook(args.name, params, args.out)
-    for run in runs or []:
-        print(
-            f"{getattr(run, 'name', run)}: {getattr(run, 'output', '')} ({getattr(run, 'seconds', 0.0):.1f} s)"
-        )
+    params = {key: parse_param(value) for key, value in args.param}
+    for run in run_notebook(args.name, params, args.out):
+        print(f"{run.name}: {run.output} ({run.seconds:.1f} s)")
     return 0
 
 

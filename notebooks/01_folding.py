@@ -22,8 +22,8 @@
 # * judge labels per layer for folded and unfolded matches (Figs. 4, 7 left);
 # * a claims table at the end.
 #
-# All computation happens in the `featmatch` library (`featmatch.chapters.analysis` for the tables and
-# figures); this notebook only sets parameters, calls it, and comments.
+# All computation happens in the `featmatch` library (`featmatch.chapters.folding` for the tables and
+# `featmatch.chapters.plots` for the figures); this notebook only sets parameters, calls it, and comments.
 
 # %% tags=["parameters"]
 import os
@@ -58,12 +58,11 @@ JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanati
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
-from featmatch.chapters import analysis as fa
-from featmatch.chapters.claims import claims_table
-from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.chapters import common, folding, plots
+from featmatch.chapters.claims import claims_table, write_claims
+from featmatch.chapters.setup import chapter_defaults, load_setup, save_figure
 from featmatch.judging.explanations import ContextExplanations
 from featmatch.judging.judges import available_judge, label_counts
 
@@ -71,11 +70,11 @@ pd.set_option("display.max_colwidth", 120)
 pd.set_option("display.width", 200)
 
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
-N_TOKENS = N_TOKENS or {"tiny": 2048}.get(PROFILE, 16384)
-N_JUDGE = N_JUDGE or {"tiny": 6}.get(PROFILE, 12)
+defaults = chapter_defaults("folding", PROFILE, N_TOKENS=N_TOKENS, N_JUDGE=N_JUDGE)
+N_TOKENS, N_JUDGE = defaults["N_TOKENS"], defaults["N_JUDGE"]
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
-pairs = fa.adjacent_pairs(layers)
+pairs = common.adjacent_pairs(layers)
 n_layers = int(setup.model.cfg.n_layers)
 stats = setup.stats(pairs=pairs, progress=False)
 explanations = ContextExplanations(stats, setup.tokenizer)
@@ -88,29 +87,27 @@ print(f"{stats.n_tokens} evaluation tokens (BOS excluded), {len(pairs)} adjacent
 # the encoder + decoder variants that also compare the encoder bias `b_enc`, folded and unfolded.
 
 # %%
-matchings = fa.pair_matchings(setup.saes, pairs, list(fa.MATCH_VARIANTS))
-scores = fa.score_table(stats, matchings)
+matchings = common.pair_matchings(setup.saes, pairs, list(common.MATCH_VARIANTS))
+scores = folding.score_table(stats, matchings)
 scores.pivot_table(index="variant", values=["matching_score", "correlation"], aggfunc="mean").round(3)
 
 # %% [markdown]
 # ## θ and the hidden-state norm (Fig. 1)
 
 # %%
-norms = fa.threshold_norm_table(setup.saes, stats)
-dyn = fa.norm_dynamics_table(setup.saes, stats, matchings["folded"])
+norms = folding.threshold_norm_table(setup.saes, stats)
+dyn = folding.norm_dynamics_table(setup.saes, stats, matchings["folded"])
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-fa.plot_threshold_norm(axes[0], norms, "mean θ and mean ‖h‖ per layer")
-fa.plot_threshold_norm(axes[1], norms, "folded decoder norm and ‖h‖ per layer", left="folded_dec_norm_mean",
-                       left_label="mean folded decoder norm ‖θ·W_dec‖")
-fa.plot_norm_dynamics(axes[2], dyn, "norm changes t → t+1 (points labelled t)")
+plots.plot_threshold_norm(axes[0], norms, "mean θ and mean ‖h‖ per layer")
+plots.plot_threshold_norm(axes[1], norms, "folded decoder norm and ‖h‖ per layer", left="folded_dec_norm_mean",
+                          left_label="mean folded decoder norm ‖θ·W_dec‖")
+plots.plot_norm_dynamics(axes[2], dyn, "norm changes t → t+1 (points labelled t)")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_theta_norm")
 plt.show()
-r_theta = np.corrcoef(norms["theta_mean"], norms["resid_norm_mean"])[0, 1]
-r_dec = np.corrcoef(norms["folded_dec_norm_mean"], norms["resid_norm_mean"])[0, 1]
-r_dyn = np.corrcoef(dyn["resid_norm_change"], dyn["matched_dec_norm_change"])[0, 1]
-print(f"Pearson r over layers: mean θ vs ‖h‖ = {r_theta:.2f}; folded decoder norm vs ‖h‖ = {r_dec:.2f}; "
-      f"their changes t → t+1: {r_dyn:.2f}")
+r = folding.norm_correlations(norms, dyn)
+print(f"Pearson r over layers: mean θ vs ‖h‖ = {r['theta']:.2f}; folded decoder norm vs ‖h‖ = {r['dec']:.2f}; "
+      f"their changes t → t+1: {r['dyn']:.2f}")
 
 # %% [markdown]
 # **What to see.** Left: in Gemma Scope, mean θ rises with the hidden-state norm ‖h‖ (the paper's
@@ -131,13 +128,13 @@ print(f"Pearson r over layers: mean θ vs ‖h‖ = {r_theta:.2f}; folded decode
 # permutation at all.
 
 # %%
-mse = fa.parameter_mse_table(setup.saes, matchings, parts=("encoder", "decoder"))
+mse = folding.parameter_mse_table(setup.saes, matchings, parts=("encoder", "decoder"))
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 for ax, part in zip(axes, ("encoder", "decoder"), strict=True):
-    fa.plot_by_layer(ax, mse[mse["part"] == part], "mse", order=["vanilla", "unfolded", "folded"], logy=True,
-                     labels={"vanilla": "vanilla (no permutation)", "unfolded": "matched, unfolded", "folded": "matched, folded"},
-                     title=f"{part}: MSE of matched parameters (folded scale)", xlabel="layer t (pair t → t+1)",
-                     ylabel="MSE (folded scale, log)")
+    plots.plot_by_layer(ax, mse[mse["part"] == part], "mse", order=["vanilla", "unfolded", "folded"], logy=True,
+                        labels={"vanilla": "vanilla (no permutation)", "unfolded": "matched, unfolded", "folded": "matched, folded"},
+                        title=f"{part}: MSE of matched parameters (folded scale)", xlabel="layer t (pair t → t+1)",
+                        ylabel="MSE (folded scale, log)")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_parameter_mse")
 plt.show()
@@ -161,10 +158,10 @@ mse.pivot_table(index="part", columns="variant", values="mse", aggfunc="median")
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
 for ax, metric in zip(axes, ("matching_score", "correlation"), strict=True):
-    fa.plot_by_layer(ax, scores, metric, order=["folded", "unfolded"],
-                     labels={"folded": "folded + matched", "unfolded": "matched (unfolded)"},
-                     title=f"{metric.replace('_', ' ')} per layer pair", xlabel="layer t (pair t → t+1)",
-                     ylabel={"matching_score": "matching score P(f_B>0 | f_A>0)", "correlation": "activation correlation"}[metric])
+    plots.plot_by_layer(ax, scores, metric, order=["folded", "unfolded"],
+                        labels={"folded": "folded + matched", "unfolded": "matched (unfolded)"},
+                        title=f"{metric.replace('_', ' ')} per layer pair", xlabel="layer t (pair t → t+1)",
+                        ylabel={"matching_score": "matching score P(f_B>0 | f_A>0)", "correlation": "activation correlation"}[metric])
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_score_folded_unfolded")
 plt.show()
@@ -179,10 +176,10 @@ plt.show()
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4))
-fa.plot_by_layer(ax, scores, "matching_score", order=["encoder", "decoder", "folded"],
-                 labels={"encoder": "encoder only", "decoder": "decoder only", "folded": "encoder + decoder"},
-                 title="matching score by the parameters compared (all folded)", xlabel="layer t (pair t → t+1)",
-                 ylabel="matching score")
+plots.plot_by_layer(ax, scores, "matching_score", order=["encoder", "decoder", "folded"],
+                    labels={"encoder": "encoder only", "decoder": "decoder only", "folded": "encoder + decoder"},
+                    title="matching score by the parameters compared (all folded)", xlabel="layer t (pair t → t+1)",
+                    ylabel="matching score")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_encoder_decoder")
 plt.show()
@@ -201,10 +198,10 @@ plt.show()
 # `b_enc` to folded matching.
 
 # %%
-changes = fa.folding_change_table(matchings)
+changes = folding.folding_change_table(matchings)
 fig, ax = plt.subplots(figsize=(7, 4))
-fa.plot_by_layer(ax, changes, "frac_changed", hue="comparison", title="share of features whose match changes",
-                 xlabel="layer t (pair t → t+1)", ylabel="share of features of layer t")
+plots.plot_by_layer(ax, changes, "frac_changed", hue="comparison", title="share of features whose match changes",
+                    xlabel="layer t (pair t → t+1)", ylabel="share of features of layer t")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_folding_changes")
 plt.show()
@@ -224,19 +221,13 @@ changes.groupby("comparison")["frac_changed"].describe()[["mean", "50%", "min", 
 # Spearman rank correlation of the two (Hypothesis 1 expects it to be negative).
 
 # %%
-focus = pairs[min(len(pairs) - 1, int(round(2 / 3 * len(pairs))))]
-feats = fa.feature_table(stats, *focus, matchings["folded"][focus])
-rhos = pd.DataFrame(
-    [
-        {"layer_a": la, "layer_b": lb,
-         "rho": fa.cost_score_correlation(fa.feature_table(stats, la, lb, matchings["folded"][(la, lb)]), min_fires=MIN_FIRES)}
-        for la, lb in pairs
-    ]
-)
+focus = folding.focus_pair(pairs)
+feats = folding.feature_table(stats, *focus, matchings["folded"][focus])
+rhos = folding.cost_score_correlations(stats, matchings["folded"], min_fires=MIN_FIRES)
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-fa.plot_cost_vs_score(axes[0], feats, min_fires=MIN_FIRES, title=f"layers {focus[0]} → {focus[1]}, folded matching")
-fa.plot_by_layer(axes[1], rhos, "rho", hue=None, title="Spearman ρ(cost, matching score) per pair",
-                 xlabel="layer t (pair t → t+1)", ylabel="Spearman ρ")
+plots.plot_cost_vs_score(axes[0], feats, min_fires=MIN_FIRES, title=f"layers {focus[0]} → {focus[1]}, folded matching")
+plots.plot_by_layer(axes[1], rhos, "rho", hue=None, title="Spearman ρ(cost, matching score) per pair",
+                    xlabel="layer t (pair t → t+1)", ylabel="Spearman ρ")
 axes[1].axhline(0, color="k", lw=0.8)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_cost_vs_score")
@@ -252,7 +243,7 @@ print(f"median ρ over pairs: {rhos['rho'].median():.2f}; share of pairs with ρ
 # contexts (the active token in «»), are the analogue of the paper's Fig. 5:
 
 # %%
-fa.best_worst_pairs(feats, explanations, n=4, min_fires=MIN_FIRES)
+folding.best_worst_pairs(feats, explanations, n=4, min_fires=MIN_FIRES)
 
 # %% [markdown]
 # **What to see.** Cheap pairs should fire on the same tokens in the same contexts; costly pairs
@@ -271,15 +262,15 @@ fa.best_worst_pairs(feats, explanations, n=4, min_fires=MIN_FIRES)
 # %%
 judge = available_judge(variant=JUDGE_VARIANT)
 print(f"judge: {judge!r}")
-judged = fa.judge_matched_pairs(judge, explanations, stats, {k: matchings[k] for k in ("folded", "unfolded")},
-                                N_JUDGE, min_fires=MIN_FIRES, seed=SEED)
+judged = common.judge_matched_pairs(judge, explanations, stats, {k: matchings[k] for k in ("folded", "unfolded")},
+                                    N_JUDGE, min_fires=MIN_FIRES, seed=SEED)
 counts = label_counts(judged, by=["matching", "layer_a"])
-judge_name = ",".join(sorted(set(judged["judge"]))) if len(judged) else "none"
+judge_name = common.judge_names(judged)
 fig, axes = plt.subplots(1, 3, figsize=(16, 4))
 for ax, v in zip(axes[:2], ("folded", "unfolded"), strict=True):
-    fa.plot_label_distribution(ax, counts[counts["matching"] == v], title=f"{v} matching: labels by {judge_name}")
+    plots.plot_label_distribution(ax, counts[counts["matching"] == v], title=f"{v} matching: labels by {judge_name}")
     ax.set_xlabel("layer t (pair t → t+1)")
-fa.plot_cost_by_label(axes[2], judged[judged["matching"] == "folded"], title="folded match cost by label")
+plots.plot_cost_by_label(axes[2], judged[judged["matching"] == "folded"], title="folded match cost by label")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "01_judge_labels")
 plt.show()
@@ -295,21 +286,22 @@ label_counts(judged, by="matching")
 # ## Claims
 #
 # Each row's verdict is computed from the numbers above by a rule stated in the row
-# (`featmatch.chapters.analysis.claim_*`). A claim about a share of cases (pairs or layers) is "held" at 75%
+# (`featmatch.chapters.folding.claim_*`). A claim about a share of cases (pairs or layers) is "held" at 75%
 # or more, "failed" at 25% or less and "mixed" in between. The early layers are the first third of
 # the model's depth (the paper's layers 0–9 of 26).
 
 # %%
 claims = [
-    *fa.claim_theta_tracks_norm(norms),
-    fa.claim_cost_reflects_similarity(rhos["rho"]),
-    fa.claim_folding_improves(scores[scores["variant"].isin(["folded", "unfolded"])]),
-    fa.claim_folding_improves(scores[scores["variant"].isin(["folded", "unfolded"])], metric="correlation"),
-    *fa.claim_encoder_decoder(scores),
-    fa.claim_early_layer_drop(scores[scores["variant"] == "folded"], "matching_score", n_layers),
-    fa.claim_folding_barely_matters(changes),
-    fa.claim_judge_folding(judged),
+    *folding.claim_theta_tracks_norm(norms),
+    folding.claim_cost_reflects_similarity(rhos["rho"]),
+    folding.claim_folding_improves(scores[scores["variant"].isin(["folded", "unfolded"])]),
+    folding.claim_folding_improves(scores[scores["variant"].isin(["folded", "unfolded"])], metric="correlation"),
+    *folding.claim_encoder_decoder(scores),
+    common.claim_early_layer_drop(scores[scores["variant"] == "folded"], "matching_score", n_layers),
+    folding.claim_folding_barely_matters(changes),
+    folding.claim_judge_folding(judged),
 ]
+write_claims(claims, OUT_DIR, "folding")
 table = claims_table(claims)
 table
 

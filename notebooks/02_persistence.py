@@ -48,9 +48,9 @@ JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanati
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from featmatch.chapters import analysis as fa
-from featmatch.chapters.claims import claims_table
-from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.chapters import common, persistence, plots
+from featmatch.chapters.claims import claims_table, write_claims
+from featmatch.chapters.setup import chapter_defaults, load_setup, save_figure
 from featmatch.judging.explanations import ContextExplanations
 from featmatch.judging.judges import available_judge
 
@@ -58,14 +58,14 @@ pd.set_option("display.max_colwidth", 110)
 pd.set_option("display.width", 200)
 
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
-N_TOKENS = N_TOKENS or {"tiny": 2048}.get(PROFILE, 16384)
-N_JUDGE = N_JUDGE or {"tiny": 4}.get(PROFILE, 8)
+defaults = chapter_defaults("persistence", PROFILE, N_TOKENS=N_TOKENS, N_JUDGE=N_JUDGE)
+N_TOKENS, N_JUDGE = defaults["N_TOKENS"], defaults["N_JUDGE"]
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)
 if START_LAYERS is None:
-    START_LAYERS = sorted({min(layers[:-1], key=lambda x, f=f: abs(x - f * n_layers)) for f in (10 / 26, 12 / 26, 20 / 26)})
-pers_pairs = fa.persistence_pairs(START_LAYERS, layers, MAX_DISTANCE)
+    START_LAYERS = persistence.start_layers(layers, n_layers)
+pers_pairs = persistence.persistence_pairs(START_LAYERS, layers, MAX_DISTANCE)
 stats = setup.stats(pairs=pers_pairs, progress=False)
 explanations = ContextExplanations(stats, setup.tokenizer)
 print(f"{setup.sae_set}: {len(layers)} SAEs, start layers {START_LAYERS}, up to {MAX_DISTANCE} layers ahead "
@@ -77,9 +77,9 @@ print(f"{setup.sae_set}: {len(layers)} SAEs, start layers {START_LAYERS}, up to 
 # target.
 
 # %%
-adjacent = fa.pair_matchings(setup.saes, fa.adjacent_pairs(layers), ["folded"])["folded"]
-pers = fa.persistence_matchings(setup.saes, pers_pairs, adjacent, random_seed=SEED)
-table = fa.persistence_table(stats, pers)
+adjacent = common.pair_matchings(setup.saes, common.adjacent_pairs(layers), ["folded"])["folded"]
+pers = persistence.persistence_matchings(setup.saes, pers_pairs, adjacent, random_seed=SEED)
+table = persistence.persistence_table(stats, pers)
 table.pivot_table(index=["start", "distance"], columns="method", values="matching_score").round(3).head(12)
 
 # %% [markdown]
@@ -88,8 +88,8 @@ table.pivot_table(index=["start", "distance"], columns="method", values="matchin
 # %%
 fig, axes = plt.subplots(2, len(START_LAYERS), figsize=(5 * len(START_LAYERS), 7), squeeze=False)
 for k, s in enumerate(START_LAYERS):
-    fa.plot_persistence(axes[0, k], table, s, "matching_score", title=f"from layer {s}: matching score")
-    fa.plot_persistence(axes[1, k], table, s, "correlation", title=f"from layer {s}: activation correlation")
+    plots.plot_persistence(axes[0, k], table, s, "matching_score", title=f"from layer {s}: matching score")
+    plots.plot_persistence(axes[1, k], table, s, "correlation", title=f"from layer {s}: activation correlation")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "02_exact_vs_composed")
 plt.show()
@@ -103,15 +103,9 @@ plt.show()
 # How often do the composed and exact matchings agree on the partner of a feature?
 
 # %%
-agree = table[table["method"] == "exact"].pivot_table(index="distance", columns="start", values="agreement")
+agree = persistence.agreement_table(table)
 fig, ax = plt.subplots(figsize=(7, 4))
-for s in agree.columns:
-    ax.plot(agree.index, agree[s], marker="o", ms=3, label=f"from layer {s}")
-ax.set_xlabel("distance (layers)")
-ax.set_ylabel("share of features with the same partner")
-ax.set_title("agreement of composed and exact matches")
-ax.legend(fontsize=8)
-ax.grid(alpha=0.3)
+plots.plot_agreement(ax, agree)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "02_agreement")
 plt.show()
@@ -131,13 +125,13 @@ plt.show()
 # %%
 judge = available_judge(variant=JUDGE_VARIANT)
 print(f"judge: {judge!r}")
-judged = fa.judge_matched_pairs(judge, explanations, stats, {k: pers[k] for k in ("exact", "composed")},
-                                N_JUDGE, min_fires=MIN_FIRES, seed=SEED)
-labels = fa.label_table(judged)
-judge_name = ",".join(sorted(set(judged["judge"]))) if len(judged) else "none"
+judged = common.judge_matched_pairs(judge, explanations, stats, {k: pers[k] for k in ("exact", "composed")},
+                                    N_JUDGE, min_fires=MIN_FIRES, seed=SEED)
+labels = persistence.label_table(judged)
+judge_name = common.judge_names(judged)
 fig, axes = plt.subplots(1, len(START_LAYERS), figsize=(5 * len(START_LAYERS), 3.5), squeeze=False)
 for k, s in enumerate(START_LAYERS):
-    fa.plot_persistence(axes[0, k], labels, s, "mean_label", title=f"from layer {s}: mean label ({judge_name})")
+    plots.plot_persistence(axes[0, k], labels, s, "mean_label", title=f"from layer {s}: mean label ({judge_name})")
     axes[0, k].set_ylim(0.9, 3.1)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "02_judge_persistence")
@@ -158,17 +152,10 @@ plt.show()
 
 # %%
 start = START_LAYERS[0]
-fires = stats.fire_count[start]
-path_features = [int(f) for f in fires.argsort()[::-1][:N_PATHS] if fires[f] >= MIN_FIRES]
-paths = fa.path_table(adjacent, start, path_features, stats=stats, source=explanations)
+path_features = persistence.most_active_features(stats, start, N_PATHS, min_fires=MIN_FIRES)
+paths = persistence.path_table(adjacent, start, path_features, stats=stats, source=explanations)
 fig, ax = plt.subplots(figsize=(8, 4))
-for f, g in paths.groupby("path"):
-    ax.plot(g["layer"], g["step_cost"], marker="o", ms=3, label=f"feature {f} of layer {start}")
-ax.set_xlabel("layer")
-ax.set_ylabel("cost of the step into this layer (folded MSE)")
-ax.set_title("cost along feature paths")
-ax.legend(fontsize=8)
-ax.grid(alpha=0.3)
+plots.plot_path_costs(ax, paths, start)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "02_path_costs")
 plt.show()
@@ -187,7 +174,7 @@ for f, g in paths.groupby("path"):
 # %% [markdown]
 # ## Claims
 #
-# Verdicts are computed from the table above (`featmatch.chapters.analysis`). *Hypothesis 3* is "held" when
+# Verdicts are computed from the table above (`featmatch.chapters.persistence`). *Hypothesis 3* is "held" when
 # the exact match scores at least as well as the composed one in at least 75% of the (start,
 # distance ≥ 2) cells and the gap grows with distance (positive Spearman correlation), and
 # "failed" when exact is at least as good in at most 25% of the cells (or the gap never grows
@@ -198,13 +185,14 @@ for f, g in paths.groupby("path"):
 
 # %%
 claims = [
-    fa.claim_composition_degrades(table, "matching_score"),
-    fa.claim_composition_degrades(table, "correlation"),
-    fa.claim_persistence(table, "matching_score"),
-    fa.claim_persistence(table, "correlation"),
-    fa.claim_persistence(table, "matching_score", method="composed"),
-    fa.claim_persistence(table, "correlation", method="composed"),
+    persistence.claim_composition_degrades(table, "matching_score"),
+    persistence.claim_composition_degrades(table, "correlation"),
+    persistence.claim_persistence(table, "matching_score"),
+    persistence.claim_persistence(table, "correlation"),
+    persistence.claim_persistence(table, "matching_score", method="composed"),
+    persistence.claim_persistence(table, "correlation", method="composed"),
 ]
+write_claims(claims, OUT_DIR, "persistence")
 claims_table(claims)
 
 # %%

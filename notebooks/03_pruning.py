@@ -60,22 +60,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from featmatch.chapters import analysis as fa
-from featmatch.chapters.claims import claims_table
-from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.chapters import common, plots, pruning
+from featmatch.chapters.claims import claims_table, write_claims
+from featmatch.chapters.setup import chapter_defaults, load_setup, save_figure
+from featmatch.evaluation import transfer
 from featmatch.evaluation.pruning import pruning_sweep
 
 pd.set_option("display.width", 200)
 
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
-N_TOKENS = N_TOKENS or {"tiny": 256}.get(PROFILE, 1024)
-LAYER_STEP = LAYER_STEP or {"tiny": 10}.get(PROFILE, 4)
-HYBRID_QS = HYBRID_QS or {"tiny": [0.0, 0.5, 1.0]}.get(PROFILE, [0.0, 0.25, 0.5, 0.75, 1.0])
+defaults = chapter_defaults("pruning", PROFILE, N_TOKENS=N_TOKENS, LAYER_STEP=LAYER_STEP, HYBRID_QS=HYBRID_QS)
+N_TOKENS, LAYER_STEP, HYBRID_QS = defaults["N_TOKENS"], defaults["LAYER_STEP"], defaults["HYBRID_QS"]
 setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)
 tokens = setup.tokens
-eval_layers = fa.every_kth(layers, LAYER_STEP)
+eval_layers = common.every_kth(layers, LAYER_STEP)
 print(f"{setup.sae_set}: pruning at layers {eval_layers} with {tokens.numel()} tokens ({tokens.shape[0]} sequences)")
 
 # %% [markdown]
@@ -83,12 +83,12 @@ print(f"{setup.sae_set}: pruning at layers {eval_layers} with {tokens.numel()} t
 
 # %%
 sweep = pruning_sweep(setup.model, tokens, setup.saes, eval_layers, batch_size=BATCH_SIZE, progress=False)
-order = list(fa.METHOD_LABELS)[:6]
+order = list(pruning.METHOD_LABELS)[:6]
 fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-fa.plot_by_layer(axes[0], sweep, "delta_ce", x="layer", hue="method", labels=fa.METHOD_LABELS, order=order,
-                 title="ΔCE when block t+1 is replaced", xlabel="layer t", ylabel="ΔCE (nats)")
-fa.plot_by_layer(axes[1], sweep, "ev", x="layer", hue="method", labels=fa.METHOD_LABELS, order=order,
-                 title="EV of the predicted h(t+1)", xlabel="layer t", ylabel="explained variance")
+plots.plot_by_layer(axes[0], sweep, "delta_ce", x="layer", hue="method", labels=pruning.METHOD_LABELS, order=order,
+                    title="ΔCE when block t+1 is replaced", xlabel="layer t", ylabel="ΔCE (nats)")
+plots.plot_by_layer(axes[1], sweep, "ev", x="layer", hue="method", labels=pruning.METHOD_LABELS, order=order,
+                    title="EV of the predicted h(t+1)", xlabel="layer t", ylabel="explained variance")
 axes[1].set_ylim(max(-1.0, float(np.nanmin(sweep["ev"])) - 0.05), 1.02)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "03_pruning_per_layer")
@@ -114,35 +114,16 @@ sweep.pivot_table(index="layer", columns="method", values=["delta_ce", "ev"]).ro
 # contribute nothing, like any unmatched feature).
 
 # %%
-folded_eval = fa.pair_matchings(setup.saes, [(t, t + 1) for t in eval_layers], ["folded"])["folded"]
-guarded = {t: fa.drop_small_thresholds(folded_eval[(t, t + 1)], setup.saes[t], setup.saes[t + 1], MIN_THETA)
-           for t in eval_layers}
+folded_eval = common.pair_matchings(setup.saes, common.next_layer_pairs(eval_layers), ["folded"])["folded"]
+guarded = transfer.drop_small_thresholds_by_layer(folded_eval, setup.saes, MIN_THETA)
 sweep_guard = pruning_sweep(
     setup.model, tokens, setup.saes, eval_layers,
     [{"method": "encode_permute_decode", "fold": True, "matching": guarded, "label": "encode_permute_decode_folded_min_theta"}],
     batch_size=BATCH_SIZE, progress=False,
 )
-theta_table = pd.DataFrame(
-    {
-        "layer": eval_layers,
-        "pairs_dropped": [guarded[t].meta["n_small_theta_dropped"] for t in eval_layers],
-        "max_transfer_scale": [float(np.nanmax(fa.transfer_scale(folded_eval[(t, t + 1)], setup.saes[t], setup.saes[t + 1])))
-                               for t in eval_layers],
-    }
-)
-ev_all = pd.concat([sweep, sweep_guard]).pivot_table(index="layer", columns="method", values="ev")
-for col, name in (("encode_permute_decode_folded", "ev_folded"), ("encode_permute_decode_folded_min_theta", "ev_folded_min_theta"),
-                  ("encode_permute_decode_unfolded", "ev_unfolded")):
-    theta_table[name] = theta_table["layer"].map(ev_all[col])
+theta_table = pruning.theta_table(folded_eval, guarded, setup.saes, sweep, sweep_guard)
 fig, ax = plt.subplots(figsize=(8, 4))
-for name, style, label in (("ev_folded", "o-", "folded EPD"), ("ev_folded_min_theta", "s-", f"folded EPD, θ < {MIN_THETA:g} dropped"),
-                           ("ev_unfolded", "^--", "unfolded EPD")):
-    ax.plot(theta_table["layer"], theta_table[name].clip(lower=-1.0), style, label=label)
-ax.set_xlabel("layer t")
-ax.set_ylabel("EV of the predicted h(t+1) (clipped at −1)")
-ax.set_title("encode-permute-decode: folding with and without near-zero thresholds")
-ax.legend()
-ax.grid(alpha=0.3)
+plots.plot_min_theta(ax, theta_table, MIN_THETA)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "03_min_theta")
 plt.show()
@@ -165,17 +146,16 @@ theta_table.round(3)
 
 # %%
 if HYBRID_LAYERS is None:
-    candidates = [t for t in layers if t + 1 in layers]
-    HYBRID_LAYERS = sorted({min(candidates, key=lambda x, f=f: abs(x - f * n_layers)) for f in (3 / 26, 10 / 26, 20 / 26)})
-hybrid_matchings = fa.pair_matchings(setup.saes, [(t, t + 1) for t in HYBRID_LAYERS], ["folded"])["folded"]
-hybrid_specs = fa.hybrid_methods({t: m for (t, _), m in hybrid_matchings.items()}, HYBRID_QS, seed=SEED)
-hybrid = fa.hybrid_table(
+    HYBRID_LAYERS = pruning.hybrid_layers(layers, n_layers)
+hybrid_matchings = common.pair_matchings(setup.saes, common.next_layer_pairs(HYBRID_LAYERS), ["folded"])["folded"]
+hybrid_specs = transfer.hybrid_methods(common.by_first_layer(hybrid_matchings), HYBRID_QS, seed=SEED)
+hybrid = pruning.hybrid_table(
     pruning_sweep(setup.model, tokens, setup.saes, HYBRID_LAYERS, hybrid_specs, batch_size=BATCH_SIZE, progress=False)
 )
 fig, axes = plt.subplots(2, len(HYBRID_LAYERS), figsize=(5 * len(HYBRID_LAYERS), 7), squeeze=False)
 for k, t in enumerate(HYBRID_LAYERS):
-    fa.plot_hybrid(axes[0, k], hybrid, t, "ev", title=f"layer {t} → {t + 1}: EV")
-    fa.plot_hybrid(axes[1, k], hybrid, t, "delta_ce", title=f"layer {t} → {t + 1}: ΔCE")
+    plots.plot_hybrid(axes[0, k], hybrid, t, "ev", title=f"layer {t} → {t + 1}: EV")
+    plots.plot_hybrid(axes[1, k], hybrid, t, "delta_ce", title=f"layer {t} → {t + 1}: ΔCE")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "03_quantile_hybrid")
 plt.show()
@@ -196,31 +176,13 @@ hybrid.pivot_table(index=["layer", "q"], columns="order", values="ev").round(3)
 # between SAEs of similar L0 (Sec. 5.3, Fig. 15). The L0 of each SAE is the zoo's held-out value.
 
 # %%
-study = pd.DataFrame()
-if setup.sae_set.startswith("featmatch-"):
-    from featmatch.saes.zoo import load_zoo_sae, quality_table
-
-    quality = quality_table(PROFILE)
-    l0 = {(r.variant, int(r.layer)): float(r.l0) for r in quality.itertuples()}
-    l0b_layers = sorted(layer for (variant, layer) in l0 if variant == "l0b")
-    combos = fa.l0_combinations(l0b_layers)
-    if combos:
-        saes_by_variant = {"main": setup.saes, "l0b": {t: load_zoo_sae(PROFILE, t, variant="l0b") for t in l0b_layers}}
-        study = fa.l0_study(setup.model, tokens, saes_by_variant, l0, combos, batch_size=BATCH_SIZE)
+study = pruning.zoo_l0_study(setup.model, tokens, setup.saes, setup.sae_set, PROFILE, batch_size=BATCH_SIZE)
 if study.empty:
     print("no second-L0 SAEs for this SAE set: the sparsity study is skipped")
 else:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, metric, ylabel in ((axes[0], "delta_ce", "ΔCE (nats)"), (axes[1], "ev", "explained variance")):
-        for (method, same), g in study.groupby(["method", "same_l0"]):
-            g = g.assign(l0_pair=0.5 * (g["l0_a"] + g["l0_b"])).sort_values("l0_pair")
-            ax.plot(g["l0_pair"], g[metric], "o-" if same else "x", ms=5,
-                    label=f"{fa.METHOD_LABELS.get(method, method)}{'' if same else ' (mixed L0)'}")
-        ax.set_xlabel("mean L0 of the two SAEs")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel.split(' (')[0]} against SAE sparsity")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+    plots.plot_l0_study(axes[0], study, "delta_ce", "ΔCE (nats)", labels=pruning.METHOD_LABELS)
+    plots.plot_l0_study(axes[1], study, "ev", "explained variance", labels=pruning.METHOD_LABELS)
     fig.tight_layout()
     save_figure(fig, OUT_DIR, "03_l0_study")
     plt.show()
@@ -241,23 +203,14 @@ else:
 # |L0_t − L0_{t+1}| / mean, measured on the same evaluation tokens.
 
 # %%
-l0_stats = setup.stats(layers=sorted({x for t in eval_layers for x in (t, t + 1)}), top_k=0, n_samples=0, progress=False)
-ev = sweep.pivot_table(index="layer", columns="method", values="ev")
-early = pd.DataFrame(
-    {
-        "layer": ev.index,
-        "ev_shortfall": ev["encode_decode_previous"] - ev["encode_permute_decode_folded"],
-        "l0_t": [l0_stats.l0(t) for t in ev.index],
-        "l0_t1": [l0_stats.l0(t + 1) for t in ev.index],
-    }
-).reset_index(drop=True)
-early["l0_gap"] = (early["l0_t"] - early["l0_t1"]).abs() / (0.5 * (early["l0_t"] + early["l0_t1"]))
+l0_stats = setup.stats(layers=common.layers_with_next(eval_layers), top_k=0, n_samples=0, progress=False)
+early = pruning.early_layer_table(sweep, l0_stats)
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-fa.plot_by_layer(axes[0], early, "ev_shortfall", x="layer", hue=None, title="EV shortfall of folded EPD vs encode-decode previous",
-                 xlabel="layer t", ylabel="EV(enc-dec previous) − EV(folded EPD)")
+plots.plot_by_layer(axes[0], early, "ev_shortfall", x="layer", hue=None, title="EV shortfall of folded EPD vs encode-decode previous",
+                    xlabel="layer t", ylabel="EV(enc-dec previous) − EV(folded EPD)")
 axes[0].axhline(0, color="k", lw=0.8)
-fa.plot_by_layer(axes[1], early, "l0_gap", x="layer", hue=None, title="relative L0 difference of SAEs t and t+1",
-                 xlabel="layer t", ylabel="|L0_t − L0_{t+1}| / mean L0")
+plots.plot_by_layer(axes[1], early, "l0_gap", x="layer", hue=None, title="relative L0 difference of SAEs t and t+1",
+                    xlabel="layer t", ylabel="|L0_t − L0_{t+1}| / mean L0")
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "03_early_layers")
 plt.show()
@@ -271,7 +224,7 @@ early.round(3)
 # %% [markdown]
 # ## Claims
 #
-# Verdicts are computed from the tables above (`featmatch.chapters.analysis`). A claim about a share of
+# Verdicts are computed from the tables above (`featmatch.chapters.pruning`). A claim about a share of
 # cases is "held" at 75% or more and "failed" at 25% or less. *Pruning costs little in later
 # layers*: the median, over the later two thirds of the layers, of ΔCE(folded EPD) −
 # ΔCE(encode-decode current), the cost of pruning beyond the SAE's own reconstruction error;
@@ -284,25 +237,20 @@ early.round(3)
 # the early/later comparison averages EV over layers: it uses folded EPD with the near-zero-θ pairs
 # dropped, since a single collapsed layer (EV of −10^4) would decide any mean of the plain one
 claims = [
-    fa.claim_pruning_cheap_later(sweep, n_layers),
-    fa.claim_early_layer_drop(sweep_guard, "ev", n_layers, layer="layer",
-                              claim=f"matched pruning is worse in the early layers (EV; pairs with θ < {MIN_THETA:g} dropped)",
-                              source="SAE Match §5.3, §5.5, Fig. 11"),
-    fa.claim_fraction("in early layers matching explains less than encode-decode previous", "SAE Match §5.5, Fig. 11",
-                      [float(x > 0) for x in early.loc[early["layer"] < n_layers / 3, "ev_shortfall"]],
-                      "early layers with EV(folded EPD) < EV(encode-decode previous)"),
-    fa.claim_fraction("folding improves encode-permute-decode (EV)", "SAE Match Fig. 11",
-                      [float(a > b) for a, b in zip(ev["encode_permute_decode_folded"], ev["encode_permute_decode_unfolded"], strict=True)],
-                      "layers with EV(folded EPD) > EV(unfolded EPD)"),
-    fa.claim_fraction(f"folding improves encode-permute-decode (EV), pairs with θ < {MIN_THETA:g} dropped", "SAE Match Fig. 11",
-                      [float(a > b) for a, b in zip(theta_table["ev_folded_min_theta"], theta_table["ev_unfolded"], strict=True)],
-                      "layers with EV(folded EPD, small θ dropped) > EV(unfolded EPD)"),
-    fa.claim_top1_beats_permutation(sweep),
-    fa.claim_hybrid_cost_order(hybrid),
-    fa.claim_l0_explains_early(early["l0_gap"], early["ev_shortfall"]),
+    pruning.claim_pruning_cheap_later(sweep, n_layers),
+    common.claim_early_layer_drop(sweep_guard, "ev", n_layers, layer="layer",
+                                  claim=f"matched pruning is worse in the early layers (EV; pairs with θ < {MIN_THETA:g} dropped)",
+                                  source="SAE Match §5.3, §5.5, Fig. 11"),
+    pruning.claim_early_shortfall(early, n_layers),
+    pruning.claim_folding_improves_epd(sweep),
+    pruning.claim_folding_improves_epd_min_theta(theta_table, MIN_THETA),
+    pruning.claim_top1_beats_permutation(sweep),
+    pruning.claim_hybrid_cost_order(hybrid),
+    pruning.claim_l0_explains_early(early["l0_gap"], early["ev_shortfall"]),
 ]
 if not study.empty:
-    claims += [fa.claim_higher_l0(study), fa.claim_l0_mismatch(study)]
+    claims += [pruning.claim_higher_l0(study), pruning.claim_l0_mismatch(study)]
+write_claims(claims, OUT_DIR, "pruning")
 claims_table(claims)
 
 # %%

@@ -38,16 +38,17 @@ MODEL = "smollm2-135m"
 SAE_SET = None  # default: the zoo set featmatch-smollm2-{PROFILE}
 PAIRS = None  # default: adjacent mid→mid+1, mid→last, 0→last (paper_pairs)
 REFERENCE = "layer:mid"  # "layer:L", "layer:mid", "final" or "embed"
-PCA_K = None  # PCA dimensions of the reference space; None: 16 on tiny, else 64; 0: no PCA
-N_SAMPLES = None  # samples per feature distribution; None: 16 on tiny, else 32
-N_TOKENS = None  # tokens per slice (train slice and eval slice); None: 1024 on tiny, else 16384
+PCA_K = None  # PCA dimensions of the reference space; None: profile default; 0: no PCA
+N_SAMPLES = None  # samples per feature distribution; None: profile default
+N_TOKENS = None  # tokens per slice (train slice and eval slice); None: profile default
 METHOD = "exact"  # "exact", "sinkhorn" (slow) or "sliced"
 CANDIDATES = 16  # pairs per feature computed by METHOD (sliced pre-selection); None: all pairs
-N_JUDGE = None  # judged features per pair, the same for every method; None: 16 on tiny, else 48
-N_APPROX = None  # random feature pairs for sliced vs exact; None: 300 on tiny, else 1000
-N_APPROX_SINKHORN = None  # random feature pairs for entropic vs exact; None: 30 on tiny, else 60
+N_JUDGE = None  # judged features per pair, the same for every method; None: profile default
+N_APPROX = None  # random feature pairs for sliced vs exact; None: profile default
+N_APPROX_SINKHORN = None  # random feature pairs for entropic vs exact; None: profile default
 SEED = 0
-OUT_DIR = None  # folder for the figures (PNG), None: not saved
+OUT_DIR = None  # folder for the figures (PNG) and the claims table (CSV), None: not saved
+# The profile defaults (tiny, quick, full) are in featmatch/chapters/profiles.yaml.
 
 # %% [markdown]
 # Values for the paper's own settings (they need the hub, so they do not run offline):
@@ -65,35 +66,40 @@ OUT_DIR = None  # folder for the figures (PNG), None: not saved
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from featmatch import semantic as S
+from featmatch.chapters import plots
 from featmatch.chapters import semantic_ot as R
-from featmatch.lm.activations import gather
-from featmatch.lm.corpus import token_batches
-from featmatch.chapters.claims import Claim, claims_table
-from featmatch.chapters.setup import load_setup, save_figure
+from featmatch.chapters.claims import claims_table, write_claims
+from featmatch.chapters.setup import chapter_defaults, load_setup, save_figure
 from featmatch.judging.explanations import ContextExplanations
 from featmatch.judging.judges import available_judge
-from featmatch.evaluation.metrics import activation_correlation, matching_score
+from featmatch.lm.activations import gather
+from featmatch.lm.corpus import token_batches
 from featmatch.saes import sae_set
 
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 200)
 T0 = time.perf_counter()
 
-tiny = PROFILE == "tiny"
-PCA_K = (16 if tiny else 64) if PCA_K is None else (PCA_K or None)  # 0 -> None: no PCA
-N_SAMPLES = N_SAMPLES or (16 if tiny else 32)
-N_TOKENS = N_TOKENS or (1024 if tiny else 16384)
-N_JUDGE = N_JUDGE or (16 if tiny else 48)
-N_APPROX = N_APPROX or (300 if tiny else 1000)
-N_APPROX_SINKHORN = N_APPROX_SINKHORN or (30 if tiny else 60)
+P = chapter_defaults(
+    "semantic_ot",
+    PROFILE,
+    PCA_K=PCA_K,
+    N_SAMPLES=N_SAMPLES,
+    N_TOKENS=N_TOKENS,
+    N_JUDGE=N_JUDGE,
+    N_APPROX=N_APPROX,
+    N_APPROX_SINKHORN=N_APPROX_SINKHORN,
+)
+PCA_K = P["PCA_K"] or None  # 0 -> None: no PCA
+N_SAMPLES, N_TOKENS, N_JUDGE = P["N_SAMPLES"], P["N_TOKENS"], P["N_JUDGE"]
+N_APPROX, N_APPROX_SINKHORN = P["N_APPROX"], P["N_APPROX_SINKHORN"]
 
 set_name = SAE_SET or f"featmatch-smollm2-{PROFILE}"
 all_layers = sorted(sae_set(set_name).layers)
-pairs = [tuple(map(int, p)) for p in (PAIRS if PAIRS is not None else R.paper_pairs(all_layers))]
+pairs = R.resolve_pairs(PAIRS, all_layers)
 layers = sorted({layer for p in pairs for layer in p})
 setup = load_setup(MODEL, set_name, layers=layers, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
 model_label = f"{MODEL} ({set_name})"
@@ -130,41 +136,13 @@ print(
 # same coordinates as `featmatch.semantic.reference_coordinates` called once per space.
 
 # %%
-pca_name = f"PCA {PCA_K}" if PCA_K else "no PCA"
-space_specs = {
-    f"{REFERENCE} ({ref_hook}), {pca_name}": (REFERENCE, PCA_K),
-    f"{REFERENCE} ({ref_hook}), no PCA": (REFERENCE, None),
-    f"final ({R.resolve_reference('final', n_layers)[1]}), {pca_name}": ("final", PCA_K),
-    f"embed (hook_embed), {pca_name}": ("embed", PCA_K),
-}
-spaces = R.reference_spaces(setup.model, tokens_fit, space_specs)
+spaces = R.reference_spaces(setup.model, tokens_fit, R.comparison_spaces(REFERENCE, PCA_K, n_layers))
 MAIN_SPACE = next(iter(spaces))
 ref = spaces[MAIN_SPACE]
 if ref.explained_variance_ratio is not None:
     print(f"{MAIN_SPACE}: the PCA keeps {ref.explained_variance_ratio.sum():.1%} of the variance")
-
-
-def distributions(space, use_layers=layers):
-    """Feature distributions of the given layers in one reference space."""
-    return {
-        layer: S.FeatureDistributions.from_stats(stats_fit, layer, space, n=N_SAMPLES, seed=SEED)
-        for layer in use_layers
-    }
-
-
-dists = distributions(ref)
-pd.DataFrame(
-    [
-        {
-            "layer": layer,
-            "features": d.n_features,
-            "with samples": len(d),
-            "never fire (excluded)": len(d.empty),
-            "mean samples per feature": float(d.support_size.mean()),
-        }
-        for layer, d in dists.items()
-    ]
-)
+dists = R.feature_distributions(stats_fit, ref, layers, n=N_SAMPLES, seed=SEED)
+R.distribution_summary(dists)
 
 # %% [markdown]
 # ## The three matchings on each pair
@@ -179,37 +157,23 @@ pd.DataFrame(
 # the top-1 decoder cosine (many-to-one). SAE Match is the folded encoder+decoder
 # assignment (one-to-one).
 
-
 # %%
-def semantic_matchings(a, b):
-    """Semantic OT (assignment) and its top-1 variant from one distance matrix."""
-    D = S.distance_matrix(a, b, METHOD, candidates=CANDIDATES, seed=SEED, progress=False)
-    return (
-        S.semantic_match(a, b, distances=D, mode="assignment"),
-        S.semantic_match(a, b, distances=D, mode="topk", k=1),
-    )
-
-
 matchings = {}
 for la, lb in pairs:
     t = time.perf_counter()
-    sem, sem1 = semantic_matchings(dists[la], dists[lb])
-    matchings[(la, lb)] = {
-        "Semantic OT": sem,
-        "Feature Flow": S.decoder_cosine_match(setup.saes[la], setup.saes[lb]),
-        "SAE Match": S.sae_match(setup.saes[la], setup.saes[lb]),
-        "Semantic OT top-1": sem1,
-    }
+    matchings[(la, lb)] = R.pair_matchings(
+        dists[la], dists[lb], setup.saes[la], setup.saes[lb], METHOD, CANDIDATES, seed=SEED
+    )
     print(f"{la}→{lb}: matched in {time.perf_counter() - t:.1f} s")
-scores = R.score_table(stats_eval, matchings)
+scores = R.method_scores(stats_eval, matchings)
 scores
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-R.plot_method_scores(
+plots.plot_method_scores(
     axes[0], scores, "matching_score", "matching score P(f_B>0 | f_A>0)", "Matching score (eval slice)"
 )
-R.plot_method_scores(
+plots.plot_method_scores(
     axes[1], scores, "correlation", "Pearson correlation", "Activation correlation (eval slice)"
 )
 fig.tight_layout()
@@ -238,18 +202,14 @@ judge = available_judge(variant="examples")
 is_proxy = judge.name.startswith("proxy")
 judge_label = f"{judge.name} ({'offline proxy, not an LLM' if is_proxy else 'LLM judge'})"
 texts = ContextExplanations(stats_eval, setup.tokenizer)
-frames = []
-for la, lb in pairs:
-    feats = R.judge_features(stats_eval, la, matchings[(la, lb)], N_JUDGE, seed=SEED)
-    frames.append(R.judge_pairs(texts, la, lb, matchings[(la, lb)], feats))
-verdicts = judge.score_many(pd.concat(frames, ignore_index=True), progress=False)
+verdicts = judge.score_many(R.judge_sample(texts, stats_eval, matchings, N_JUDGE, seed=SEED), progress=False)
 judged = R.judge_table(verdicts)
 print("judge:", judge_label)
 judged[["pair", "method", "judge_mean", "judge_se", "n_judged", "DIFFERENT", "MAYBE", "SAME"]]
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 0.32 * len(judged) + 1.5))
-R.plot_judge_labels(ax, judged, judge_label)
+plots.plot_judge_labels(ax, judged, judge_label)
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "04_judge_labels")
 plt.show()
@@ -271,10 +231,7 @@ layout = R.paper_layout(judged, model_label, all_layers, source=f"ours ({judge.n
 layout
 
 # %%
-wide_scores = scores.pivot_table(
-    index="pair", columns="method", values=["matching_score", "correlation"], sort=False
-)
-wide_scores.round(3)
+R.method_scores_wide(scores).round(3)
 
 # %% [markdown]
 # ## Which reference space?
@@ -284,38 +241,26 @@ wide_scores.round(3)
 # features of A sent to the same partner).
 
 # %%
-cmp_pair = pairs[1] if len(pairs) > 1 else pairs[0]
+cmp_pair = R.comparison_pair(pairs)
 la, lb = cmp_pair
-main = matchings[cmp_pair]["Semantic OT"]
-rows = []
-for label, space in spaces.items():
-    if space is ref:
-        m = main
-    else:
-        d = distributions(space, (la, lb))
-        m = semantic_matchings(d[la], d[lb])[0]
-    both = (m.perm >= 0) & (main.perm >= 0)
-    rows.append(
-        {
-            "space": label,
-            "k": space.k,
-            "matching_score": float(np.nanmean(matching_score(stats_eval, la, lb, m).per_feature)),
-            "correlation": float(np.nanmean(activation_correlation(stats_eval, la, lb, m).per_feature)),
-            "agreement_with_default": float((m.perm[both] == main.perm[both]).mean())
-            if both.any()
-            else float("nan"),
-        }
-    )
-space_table = pd.DataFrame(rows)
-baseline_best = scores[
-    (scores.pair == f"{la}→{lb}") & scores.method.isin(["Feature Flow", "SAE Match"])
-].matching_score.max()
-space_table["beats_best_baseline"] = space_table.matching_score > baseline_best
+space_table, baseline_best = R.reference_space_table(
+    stats_fit,
+    stats_eval,
+    spaces,
+    MAIN_SPACE,
+    cmp_pair,
+    matchings[cmp_pair]["Semantic OT"],
+    scores,
+    n_samples=N_SAMPLES,
+    method=METHOD,
+    candidates=CANDIDATES,
+    seed=SEED,
+)
 space_table
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
-R.plot_reference_spaces(
+plots.plot_reference_spaces(
     axes[0],
     space_table,
     "matching_score",
@@ -324,7 +269,7 @@ R.plot_reference_spaces(
 )
 axes[0].axvline(baseline_best, color="k", ls="--", lw=1, label="best baseline")
 axes[0].legend(fontsize="small")
-R.plot_reference_spaces(
+plots.plot_reference_spaces(
     axes[1],
     space_table,
     "agreement_with_default",
@@ -391,8 +336,8 @@ sample_sk = R.approximation_sample(
     a, b, {"sinkhorn (reg=0.05)": ("sinkhorn", {"reg": 0.05})}, n_pairs=N_APPROX_SINKHORN, seed=SEED
 )
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-R.plot_approximation(axes[0], sample, "sliced (L=256)", rho=float(rep_sliced.spearman.iloc[1]))
-R.plot_approximation(axes[1], sample_sk, "sinkhorn (reg=0.05)", rho=float(rep_sinkhorn.spearman.iloc[0]))
+plots.plot_approximation(axes[0], sample, "sliced (L=256)", rho=float(rep_sliced.spearman.iloc[1]))
+plots.plot_approximation(axes[1], sample_sk, "sinkhorn (reg=0.05)", rho=float(rep_sinkhorn.spearman.iloc[0]))
 fig.tight_layout()
 save_figure(fig, OUT_DIR, "04_approximations")
 plt.show()
@@ -413,21 +358,7 @@ plt.show()
 
 # %%
 sem, ff = matchings[cmp_pair]["Semantic OT"], matchings[cmp_pair]["Feature Flow"]
-dis = R.disagreements(stats_eval, la, lb, sem, ff, n=2)
-n_diff = int(((sem.perm >= 0) & (sem.perm != ff.perm)).sum())
-print(f"{la}→{lb}: Semantic OT and Feature Flow choose different partners for {n_diff} of {sem.n_a} features")
-for r in dis.itertuples():
-    better = "Semantic OT" if r.winner == "first" else "Feature Flow"
-    print(f"\n=== layer {la} feature {r.feature_a} ({r.fires} firings; better partner: {better}) ===")
-    for ctx in texts.examples(la, r.feature_a):
-        print("   A   ", ctx)
-    for who, fb, sc in (
-        ("Semantic OT", r.b_first, r.score_first),
-        ("Feature Flow", r.b_second, r.score_second),
-    ):
-        print(f"  {who} → layer {lb} feature {fb} (matching score {sc:.2f})")
-        for ctx in texts.examples(lb, fb) or ["(never fires on the eval slice)"]:
-            print("       ", ctx)
+print(R.disagreement_report(stats_eval, texts, cmp_pair, sem, ff, n=2))
 
 # %% [markdown]
 # ## Claims
@@ -439,80 +370,17 @@ for r in dis.itertuples():
 #   every pair, **failed** if it wins none, **mixed** otherwise. Judge means are compared
 #   without a margin; their standard errors are in the judge table above.
 # * **Approximation quality**: held if every approximation of that family reaches Spearman
-#   ≥ 0.95 against exact, failed if none does, mixed otherwise.
+#   ≥ 0.95 (`R.SPEARMAN_GOAL`) against exact, failed if none does, mixed otherwise.
 # * **Reference space**: held if the Semantic OT matching score beats the best baseline in
 #   every reference space, failed if in none, mixed otherwise.
 
-
 # %%
-def fmt(table, value):
-    wide = table.pivot_table(index="pair", columns="method", values=value, aggfunc="first", sort=False)
-    return "; ".join(
-        f"{p}: " + ", ".join(f"{m} {wide.loc[p, m]:.2f}" for m in R.PAPER_METHODS) for p in wide.index
-    )
-
-
-sl, sk = approx[approx.method == "sliced"], approx[approx.method == "sinkhorn"]
-claims = [
-    Claim(
-        "Semantic OT gets higher judge scores than decoder cosine and SAE Match on each pair",
-        "Cao et al. 2026, LLM-judge table",
-        f"{judge.name}: " + fmt(judged, "judge_mean"),
-        R.wins_verdict(R.beats(judged, "judge_mean")),
-    ),
-    Claim(
-        "Semantic OT matches features better than decoder-vector baselines (matching score)",
-        "Cao et al. 2026, abstract",
-        fmt(scores, "matching_score"),
-        R.wins_verdict(R.beats(scores, "matching_score")),
-    ),
-    Claim(
-        "Semantic OT matches features better than decoder-vector baselines (activation correlation)",
-        "Cao et al. 2026, abstract",
-        fmt(scores, "correlation"),
-        R.wins_verdict(R.beats(scores, "correlation")),
-    ),
-    Claim(
-        "Sliced W2 ranks pairs of real features like exact W2 (Spearman ≥ 0.95)",
-        "featmatch issue 6 (goal)",
-        "; ".join(
-            f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.2f} "
-            f"({r.scaled_rel_error_median:.2f} after scale)"
-            for r in sl.itertuples()
-        ),
-        R.threshold_verdict(sl.spearman, 0.95),
-    ),
-    Claim(
-        "Entropic W2 ranks pairs of real features like exact W2 (Spearman ≥ 0.95)",
-        "featmatch issue 6 (goal)",
-        "; ".join(
-            f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.3f}"
-            for r in sk.itertuples()
-        ),
-        R.threshold_verdict(sk.spearman, 0.95),
-    ),
-    Claim(
-        f"Semantic OT beats the best baseline's matching score whatever the reference space ({la}→{lb})",
-        "featmatch design choice (PAPERS.md 2.2)",
-        "; ".join(f"{r.space}: {r.matching_score:.2f}" for r in space_table.itertuples())
-        + f" (best baseline {baseline_best:.2f})",
-        R.wins_verdict(space_table.beats_best_baseline),
-    ),
-]
+claims = R.semantic_ot_claims(judged, scores, approx, space_table, baseline_best, judge.name, cmp_pair)
+write_claims(claims, OUT_DIR, "semantic_ot")
 claims_table(claims)
 
 # %%
-for value, name in (
-    ("judge_mean", f"judge ({judge.name})"),
-    ("matching_score", "matching score"),
-    ("correlation", "correlation"),
-):
-    table = judged if value == "judge_mean" else scores
-    won = R.beats(table, value)
-    print(
-        f"{name}: Semantic OT beats both baselines on {int(won.sum())} of {len(won)} pairs"
-        + (f" ({', '.join(won.index[won])})" if won.any() else "")
-    )
+print("\n".join(R.win_summary(judged, scores, judge.name)))
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
 
 # %% [markdown]
@@ -525,4 +393,4 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s (profile {PROFILE})")
 # reference space and judge are all different. The judge row carries the extra caveat that
 # offline it is a sentence-embedding proxy, not an LLM. The rescaling invariance, the
 # perturbation bound and the planted-recovery property of the representation are tested in
-# `tests/test_semantic.py`.
+# `tests/semantic/test_semantic.py`.

@@ -67,3 +67,40 @@ def tiny_tokens(n_seq: int = 8, seq_len: int = 16, d_vocab: int = 50, seed: int 
     toks = rng.integers(1, d_vocab, size=(n_seq, seq_len))
     toks[:, 0] = bos
     return torch.as_tensor(toks, dtype=torch.long)
+
+
+def tiny_notebook(folder, name: str = "01_tiny", figure: bool = False, fail: bool = False):
+    """Write a 3-4 cell notebook ``folder/name.ipynb`` for the papermill runner; return its path.
+
+    Cells: a ``parameters`` cell (``GREETING``, ``N``, ``OUT_DIR``), a cell printing
+    ``"{GREETING * N}|{type(N).__name__}|{OUT_DIR}"``, then optionally a cell that draws a
+    figure and calls ``plt.show()`` (``figure``) or one that raises
+    ``ValueError("planted failure")`` followed by a cell that must never run (``fail``).
+    """
+    from pathlib import Path
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    params = new_code_cell('GREETING = "hello"\nN = 1\nOUT_DIR = None')
+    params.metadata["tags"] = ["parameters"]
+    cells = [params, new_code_cell('print(f"{GREETING * N}|{type(N).__name__}|{OUT_DIR}")')]
+    if figure:
+        cells.append(
+            new_code_cell(
+                "import matplotlib.pyplot as plt\n"
+                "fig, ax = plt.subplots(figsize=(2, 2))\n"
+                "ax.plot([0, 1], [0, 1])\n"
+                "plt.show()"
+            )
+        )
+    if fail:
+        cells += [new_code_cell('raise ValueError("planted failure")'), new_code_cell('print("never printed")')]
+    nb = new_notebook(
+        cells=cells,
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    path = Path(folder) / f"{name}.ipynb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _planted import planted_pair, recovery
 
 import featmatch
 from featmatch.cli import main
 from featmatch.matching import Matching
+from featmatch.synthetic import planted_pair, recovery
 
 REPO = Path(featmatch.__file__).resolve().parents[1]
 
@@ -181,73 +179,66 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# Dispatch to modules owned by others (zoo, book): argparse + lazy import only
+# zoo and run-notebook, on the real tiny zoo and a real tiny notebook
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_modules(monkeypatch):
-    calls: dict[str, list] = {"build": [], "manifest": [], "run": []}
-    zoo = types.ModuleType("featmatch.saes.zoo")
-    zoo.build_zoo = lambda profile, force=False: (
-        calls["build"].append((profile, force)) or Path("/tmp/manifest.json")
-    )
-    zoo.manifest = lambda profile: (
-        calls["manifest"].append(profile) or {"profile": profile, "layers": [0, 1, 2]}
-    )
-    book = types.ModuleType("featmatch.chapters.run")
+def test_zoo_info_prints_the_real_manifest(capsys):
+    from featmatch.saes import zoo
 
-    def parse_param(value):
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-
-    book.parse_param = parse_param
-    book.run_notebook = lambda name, params=None, out_dir="runs": (
-        calls["run"].append((name, params, out_dir)) or []
-    )
-    for name, mod in (("zoo", zoo), ("book", book)):
-        monkeypatch.setitem(sys.modules, f"featmatch.{name}", mod)
-        monkeypatch.setattr(featmatch, name, mod, raising=False)
-    return calls
-
-
-def test_zoo_commands_dispatch(fake_modules, capsys):
-    assert main(["zoo", "build", "--profile", "tiny", "--force"]) == 0
-    assert main(["zoo", "build", "--profile", "quick"]) == 0
-    assert fake_modules["build"] == [("tiny", True), ("quick", False)]
-    capsys.readouterr()
     assert main(["zoo", "info", "--profile", "tiny", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"profile": "tiny", "layers": [0, 1, 2]}
+    man = json.loads(capsys.readouterr().out)
+    assert man == zoo.manifest("tiny")
+    assert man["profile"] == "tiny" and man["complete"] and len(man["saes"]["main"]) == 30
     assert main(["zoo", "info", "--profile", "tiny"]) == 0
-    assert "layers: 3 entries" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert text.startswith("zoo profile 'tiny'\n") and "  profile: tiny\n" in text
+    assert "  saes: 2 entries" in text  # the main and l0b sets
 
 
-def test_run_notebook_dispatch(fake_modules):
-    assert (
-        main(
-            [
-                "run-notebook",
-                "03_folding",
-                "-p",
-                "N_TOKENS",
-                "2000",
-                "-p",
-                "PROFILE",
-                "full",
-                "--out",
-                "runs/x",
-            ]
-        )
-        == 0
-    )
-    assert fake_modules["run"] == [("03_folding", {"N_TOKENS": 2000, "PROFILE": "full"}, "runs/x")]
-
-
-def test_missing_zoo_module_is_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "featmatch.saes.zoo", None)
-    monkeypatch.delattr(featmatch, "zoo", raising=False)
-    assert main(["zoo", "info", "--profile", "tiny"]) == 2
+def test_zoo_errors_are_one_line(tmp_cache, capsys):
+    assert main(["zoo", "info", "--profile", "quick"]) == 2  # an empty cache: not built
     err = capsys.readouterr().err
-    assert err.startswith("featmatch: error: ") and err.count("\n") == 1
+    assert err.count("\n") == 1 and "run `featmatch zoo build --profile quick`" in err
+    assert main(["zoo", "info", "--profile", "huge"]) == 2
+    assert "unknown zoo profile 'huge'" in capsys.readouterr().err
+
+
+def test_zoo_build_of_a_built_zoo_verifies_without_training(monkeypatch, capsys):
+    from featmatch.saes import zoo
+
+    def never(*args, **kwargs):  # spies: a verified zoo needs neither training nor the model
+        raise AssertionError("zoo build retrained or loaded the model for a complete zoo")
+
+    monkeypatch.setattr(zoo, "_train_sae", never)
+    monkeypatch.setattr(zoo, "_load_model", never)
+    before = zoo.manifest("tiny")
+    assert main(["zoo", "build", "--profile", "tiny"]) == 0
+    assert capsys.readouterr().out == f"zoo 'tiny' ready: {zoo.manifest_path('tiny')}\n"
+    after = zoo.manifest("tiny")
+    assert after["saes"] == before["saes"] and after["timings"] == before["timings"]
+
+
+def test_run_notebook_passes_parsed_parameters(tmp_path, monkeypatch, capsys):
+    import nbformat
+    from _builders import tiny_notebook
+
+    tiny_notebook(tmp_path / "nb", "01_tiny")
+    monkeypatch.setenv("FEATMATCH_NOTEBOOKS", str(tmp_path / "nb"))
+    out = tmp_path / "out"
+    argv = ["run-notebook", "01", "-p", "GREETING", "'ab'", "-p", "N", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert f"01_tiny: {out / '01_tiny.ipynb'} (" in capsys.readouterr().out
+    nb = nbformat.read(out / "01_tiny.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "ababab|int|" in printed  # "3" arrived as the int 3, "'ab'" as the string ab
+
+
+def test_run_notebook_unknown_name_is_one_line(tmp_path, monkeypatch, capsys):
+    from _builders import tiny_notebook
+
+    tiny_notebook(tmp_path, "01_tiny")
+    monkeypatch.setenv("FEATMATCH_NOTEBOOKS", str(tmp_path))
+    assert main(["run-notebook", "03_folding", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == "featmatch: error: unknown notebook '03_folding'; known: 01_tiny\n"

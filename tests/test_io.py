@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featmatch._io import atomic_save, atomic_write_json, cache_dir, check_finite, sha256_file
+from featmatch._io import atomic_save, atomic_write_json, cache_dir, check_finite, sha256_file, tokens_sha256
 
 
 def test_atomic_save_failure_leaves_target_untouched(tmp_path):
@@ -53,3 +53,16 @@ def test_check_finite_names_the_array(bad):
     with pytest.raises(ValueError, match="theta"):
         check_finite("theta", np.array([bad, 0.0]))
     check_finite("ok", np.array([1, 2]))
+
+
+def test_tokens_sha256_keeps_both_cache_key_framings():
+    """The digests are pinned: they are cache keys (activation statistics) and stored token
+    hashes (reference spaces), so a change would silently invalidate or mismatch them."""
+    toks = torch.arange(6).reshape(2, 3)
+    plain = "9e84b51c449b81c3ef3017a0137b130578a496eab1a16787a6dc6a1ec36dfcc5"
+    terminated = "71ced0ef620949e5e013bf240266b0bc72cab99691210e3138220506a9041a34"
+    for same in (toks, toks.int(), toks.numpy(), toks.tolist(), toks.T.contiguous().T):
+        assert tokens_sha256(same) == plain
+        assert tokens_sha256(same, terminated=True) == terminated
+    assert tokens_sha256(toks.reshape(3, 2)) != plain  # the shape is part of the key
+    assert tokens_sha256(toks + 1) != plain

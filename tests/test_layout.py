@@ -226,3 +226,56 @@ def test_notebooks_only_orchestrate(path):
 
 def test_there_are_five_notebooks():
     assert [p.stem[:2] for p in _notebook_sources()] == ["01", "02", "03", "04", "05"]
+
+
+# --------------------------------------------------------------------------- dependencies
+def _third_party_imports() -> dict[str, set[str]]:
+    """Top-level third-party modules imported anywhere in featmatch -> the files that import them."""
+    import sys
+
+    out: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top != "featmatch" and top not in sys.stdlib_module_names:
+                    out.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return out
+
+
+def _declared_distributions() -> set[str]:
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        specs += extra
+    return {re.split(r"[<>=!~\[; ]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def _undeclared(imports: dict[str, set[str]], declared: set[str]) -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    out = {}
+    for module, files in imports.items():
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        if not names & declared:
+            out[module] = sorted(files)
+    return out
+
+
+def test_every_import_is_declared_in_pyproject():
+    pytest.importorskip("tomllib")  # Python >= 3.11
+    imports, declared = _third_party_imports(), _declared_distributions()
+    assert {"torch", "sae_lens", "ot", "psutil"} <= set(imports)
+    # the check can fail: drop one declared distribution and it is reported
+    assert set(_undeclared(imports, declared - {"psutil"})) == {"psutil"}
+    assert _undeclared(imports, declared) == {}, "imported but not declared in pyproject.toml"

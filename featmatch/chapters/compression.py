@@ -5,16 +5,24 @@ Everything the notebook computes beyond calls into :mod:`featmatch.circuits`,
 
 * :func:`load_circuit_setup`: the model, the SAEs of the chosen layers and held-out tokens,
   without (re)building SAEs of layers the notebook does not use.
-* :func:`semantic_ot_distance`: the Semantic OT distance between the feature nodes of an
-  attribution graph, from activation samples and a reference space.
-* :func:`graph_summary`, :func:`distance_agreement`: tables about the graph and about how
-  the four node distances relate.
+* :func:`pick_prompts`, :func:`linearisation_layers`: the prompts the graph aggregates and
+  the layers of the linearisation check.
+* :func:`semantic_ot_distance`, :func:`node_distances`, :func:`group_by_distance`: the
+  four node distances of an attribution graph and the supernodes they give.
+* :func:`graph_summary`, :func:`distance_agreement`, :func:`supernode_overview`: tables
+  about the graph, how the four node distances relate and the groupings.
+* :func:`describe_feature`, :func:`judge_chance_level`: the judge's texts and its level on
+  random pairs.
 * :func:`comparison_table`: the paper's layout (methods as rows, the paper's "accuracy"
   beside featmatch's scores).
-* :func:`score_outcomes`, :func:`beats_verdict`, :func:`band_verdict`: the rules that turn
-  numbers into the claims table's verdicts.
-* :func:`plot_accuracy_by_format`, :func:`plot_faithfulness_curves`: figure helpers that
-  draw on a given Axes.
+* :func:`export_circuit`: the compressed graph as circuit-tracer / Neuronpedia JSON,
+  reloaded and validated.
+* :func:`compared_scores`, :func:`score_outcomes`, :func:`compression_claims`: the rules
+  that turn numbers into the claims table's verdicts (through
+  :mod:`featmatch.chapters.claims`), with their thresholds as module constants.
+* :class:`Stopwatch`: the notebook's lap timer.
+* :func:`plot_accuracy_by_format`, :func:`plot_faithfulness_curves`: figures that draw on a
+  given Axes.
 
 The paper (Cao, Do, Thai 2026, arXiv:2605.28567) reports one "accuracy" per method for
 compressing Neuronpedia circuits to about 10 % of their nodes without defining it; the
@@ -29,28 +37,39 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from featmatch.chapters.claims import Claim, verdict_outcomes, verdict_threshold
+
 __all__ = [
     "METHOD_LABELS",
     "PAPER_ACCURACY",
     "SCORE_COLUMNS",
     "COMPARED_SCORES",
     "TIES",
-    "PROFILE_DEFAULTS",
-    "resolve_defaults",
+    "MIN_FAITHFULNESS",
+    "COMPRESSION_HELD",
+    "COMPRESSION_FAILED",
+    "LINEARISATION_HELD",
+    "LINEARISATION_FAILED",
+    "FAITHFUL_HELD",
+    "FAITHFUL_FAILED",
+    "Stopwatch",
     "load_circuit_setup",
+    "pick_prompts",
+    "linearisation_layers",
     "semantic_ot_distance",
+    "node_distances",
+    "group_by_distance",
     "describe_feature",
     "judge_chance_level",
     "graph_summary",
     "distance_agreement",
     "supernode_overview",
     "comparison_table",
+    "export_circuit",
     "compared_scores",
     "score_outcomes",
-    "beats_verdict",
-    "band_verdict",
-    "plot_accuracy_by_format",
-    "plot_faithfulness_curves",
+    "paper_source",
+    "compression_claims",
 ]
 
 #: Method keys used by the notebook -> labels in the paper's table.
@@ -95,33 +114,58 @@ TIES: dict[str, float] = {
     "judge_mean": 0.05,
 }
 
-#: Small, profile-dependent defaults of the notebook's parameters (``None`` there means
-#: "take it from here"). ``tiny`` is sized for CI (about a minute of compute), ``quick``
-#: for the book on two shared CPU cores.
-PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"LAYERS": [2, 4, 6], "N_PROMPTS": 4, "NODE_BUDGET": 20, "N_ACC": 4, "N_TOKENS": 1024},
-    "quick": {"LAYERS": [6, 12, 18, 24], "N_PROMPTS": 8, "NODE_BUDGET": 40, "N_ACC": 16, "N_TOKENS": 2048},
-    "full": {
-        "LAYERS": [3, 6, 9, 12, 15, 18, 21, 24, 27],
-        "N_PROMPTS": 32,
-        "NODE_BUDGET": 150,
-        "N_ACC": 55,
-        "N_TOKENS": 16384,
-    },
-}
+#: Whole-graph faithfulness below which the faithfulness and task-accuracy curves describe a
+#: circuit that does not carry the behaviour, so a "beats" claim compares only coherence
+#: and judge agreement (:func:`compared_scores`; featmatch's rule).
+MIN_FAITHFULNESS: float = 0.5
+
+#: "Circuits compress to about 10 % of their nodes" (paper §2.6): supernodes / nodes (error
+#: singletons included) at most this is *held* ...
+COMPRESSION_HELD: float = 0.15
+#: ... and at least this is *failed* (featmatch's band around the paper's "about 10 %").
+COMPRESSION_FAILED: float = 0.30
+
+#: "Node attributions predict the metric change" (featmatch issue 7): median relative error
+#: of the attribution-patching prediction at the smallest step, at most this is *held* ...
+LINEARISATION_HELD: float = 0.10
+#: ... and at least this is *failed*.
+LINEARISATION_FAILED: float = 0.30
+
+#: "The graph is faithful" (Marks et al. 2024, the faithfulness of Sparse Feature Circuits):
+#: faithfulness of the whole graph at least this is *held* ...
+FAITHFUL_HELD: float = 0.8
+#: ... and at most this is *failed* (the same level as :data:`MIN_FAITHFULNESS`).
+FAITHFUL_FAILED: float = 0.5
 
 
-def resolve_defaults(profile: str, **given: Any) -> dict[str, Any]:
-    """The parameters in ``given``, with each ``None`` replaced by the profile's default.
+class Stopwatch:
+    """Lap timer: seconds spent between successive :meth:`lap` calls, by name.
 
-    Unknown profiles (e.g. a hub model's run) fall back to the ``quick`` defaults.
+    Examples
+    --------
+    >>> sw = Stopwatch()
+    >>> sw.lap("load")
+    >>> list(sw.laps)
+    ['load']
     """
-    base = PROFILE_DEFAULTS.get(profile, PROFILE_DEFAULTS["quick"])
-    out = {k: (base.get(k) if v is None else v) for k, v in given.items()}
-    missing = [k for k, v in out.items() if v is None]
-    if missing:
-        raise ValueError(f"no default for {missing} in profile {profile!r}")
-    return out
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start = self._last = self._clock()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        """Record the seconds since the previous lap (or the start) under ``name``."""
+        now = self._clock()
+        self.laps[name] = now - self._last
+        self._last = now
+
+    def table(self) -> pd.DataFrame:
+        """The laps and the total since the start, in seconds (one decimal), one column."""
+        times = {**self.laps, "total": self._clock() - self._start}
+        return pd.Series(times, name="seconds").round(1).to_frame()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -164,6 +208,39 @@ def load_circuit_setup(
     hooked = load_model(model)
     tokens = token_batches(hooked.tokenizer, n_tokens=n_tokens, seq_len=seq_len, split="eval", seed=seed)
     return Setup(model, set_name, [int(L) for L in layers], hooked, saes, tokens, profile=profile)
+
+
+def pick_prompts(task: Any, n: int, seed: int = 0) -> Any:
+    """A seeded sample of ``n`` prompts of ``task`` (all of them when fewer), in task order.
+
+    Parameters
+    ----------
+    task : featmatch.circuits.TaskTokens
+        E.g. the correctly answered prompts of :func:`featmatch.circuits.keep_correct`.
+    n : int
+    seed : int
+
+    Returns
+    -------
+    featmatch.circuits.TaskTokens
+        ``task.subset`` of the sorted sample.
+    """
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(task), size=min(n, len(task)), replace=False))
+    return task.subset(pick)
+
+
+def linearisation_layers(layers: Sequence[int], given: Sequence[int] | None = None) -> list[int]:
+    """The layers of the linearisation check: ``given``, or the first and last of ``layers``.
+
+    Examples
+    --------
+    >>> linearisation_layers([2, 4, 6])
+    [2, 6]
+    >>> linearisation_layers([5])
+    [5]
+    """
+    return list(given) if given else sorted({layers[0], layers[-1]})
 
 
 # ----------------------------------------------------------------------------- distances
@@ -250,6 +327,48 @@ def semantic_ot_distance(
     D = np.where(np.isfinite(D), D, fill)
     np.fill_diagonal(D, 0.0)
     return D, missing
+
+
+def node_distances(
+    graph: Any,
+    saes: Mapping[int, Any],
+    samples: Mapping[int, tuple[Any, Any]],
+    ref: Any,
+    method: str = "exact",
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The four node distances of the chapter, keyed like :data:`METHOD_LABELS`.
+
+    ``semantic_ot`` (:func:`semantic_ot_distance`), ``decoder_cosine`` (Feature Flow),
+    ``sae_match`` (folded decoder MSE) and ``layer`` (layer adjacency), all in
+    ``graph.feature_nodes()`` order.
+
+    Returns
+    -------
+    (dict str -> ndarray, list of str)
+        The matrices and the feature nodes without activation samples.
+    """
+    from featmatch.circuits import decoder_cosine_distance, layer_distance, sae_match_distance
+
+    D: dict[str, np.ndarray] = {}
+    D["semantic_ot"], missing = semantic_ot_distance(graph, samples, ref, method=method, seed=seed)
+    D["decoder_cosine"] = decoder_cosine_distance(graph, saes)
+    D["sae_match"] = sae_match_distance(graph, saes)
+    D["layer"] = layer_distance(graph)
+    return D, missing
+
+
+def group_by_distance(graph: Any, distances: Mapping[str, np.ndarray], fraction: float) -> dict[str, Any]:
+    """Supernodes of ``graph`` for every distance (:func:`featmatch.circuits.supernodes`).
+
+    Each grouping keeps about ``fraction`` feature supernodes per feature node and is named
+    by :data:`METHOD_LABELS`.
+    """
+    from featmatch.circuits import supernodes
+
+    return {
+        k: supernodes(graph, d, fraction=fraction, name=METHOD_LABELS.get(k, k)) for k, d in distances.items()
+    }
 
 
 def describe_feature(
@@ -414,8 +533,77 @@ def comparison_table(summary: pd.DataFrame, model_label: str) -> pd.DataFrame:
     return out
 
 
+def export_circuit(
+    path: str | Any,
+    graph: Any,
+    groups: Any,
+    *,
+    model_name: str,
+    sae_set: str,
+    tokenizer: Any,
+    prompt: Sequence[int] | Any,
+    explainer: Any,
+    n_layers: int,
+    clerp_chars: int = 120,
+) -> tuple[Any, pd.DataFrame, pd.DataFrame, list[list[str]]]:
+    """Write the compressed graph as circuit-tracer / Neuronpedia JSON, reload and validate it.
+
+    The graph's slug is ``featmatch-<model_name>-digit-addition``; each feature node's
+    ``clerp`` is the first ``clerp_chars`` characters of ``explainer.explain`` (empty when
+    the feature has no recorded context); the prompt is shown token by token.
+
+    Parameters
+    ----------
+    path : path-like
+        The JSON file.
+    graph : featmatch.circuits.AttributionGraph
+    groups : featmatch.circuits.Supernodes
+        The grouping exported.
+    model_name, sae_set : str
+        Written as the scan and the SAE ids (``<sae_set>:<layer>``).
+    tokenizer
+        Decodes the prompt's tokens.
+    prompt : sequence of int
+        Token ids of the prompt shown.
+    explainer : ContextExplanations
+    n_layers : int
+        Layers of the model.
+
+    Returns
+    -------
+    (pathlib.Path, pandas.DataFrame, pandas.DataFrame, list)
+        The path and :func:`featmatch.circuits.graph_from_json` of the reloaded file
+        (nodes including the metric node, links, supernodes).
+
+    Raises
+    ------
+    ValueError
+        When the written file does not validate.
+    """
+    from pathlib import Path
+
+    from featmatch.circuits import export_graph_json, graph_from_json, load_graph_json
+
+    json_path = export_graph_json(
+        Path(path),
+        graph,
+        groups,
+        slug=f"featmatch-{model_name}-digit-addition",
+        scan=model_name,
+        sae_ids=[f"{sae_set}:{L}" for L in graph.layers],
+        prompt_tokens=[tokenizer.decode([int(t)]) for t in prompt],
+        clerps={
+            r.node_id: (explainer.explain(r.layer, r.feature) or "")[:clerp_chars]
+            for r in graph.feature_nodes().itertuples()
+        },
+        n_layers=n_layers,
+    )
+    nodes, links, supernodes = graph_from_json(load_graph_json(json_path))  # validates
+    return json_path, nodes, links, supernodes
+
+
 # ----------------------------------------------------------------------------- verdicts
-def compared_scores(faithfulness_graph: float, min_faithfulness: float = 0.5) -> dict[str, bool]:
+def compared_scores(faithfulness_graph: float, min_faithfulness: float = MIN_FAITHFULNESS) -> dict[str, bool]:
     """The scores a "beats" comparison may use, given the whole graph's faithfulness.
 
     When keeping the whole graph recovers less than ``min_faithfulness`` of the metric (or
@@ -475,86 +663,107 @@ def score_outcomes(
     return pd.DataFrame(rows, columns=["score", "ours", "baseline", "difference", "outcome"])
 
 
-def beats_verdict(outcomes: pd.DataFrame | Sequence[str]) -> str:
-    """Verdict of the claim "ours beats the baseline" from per-score outcomes.
+def paper_source(baseline: str) -> str:
+    """The source of "Semantic OT beats ``baseline``": paper §2.6 with its two accuracies.
 
-    ``"held"``: at least one win and no loss; ``"failed"``: no win (losses or ties only);
-    ``"mixed"``: wins and losses; ``"not tested"``: no comparable score (all n/a).
+    Built from :data:`PAPER_ACCURACY`; a baseline the paper does not report is featmatch's.
+
+    Examples
+    --------
+    >>> paper_source("decoder_cosine")
+    'paper §2.6 (68.12 vs 66.55 GPT-2; 61.51 vs 53.49 Gemma)'
+    >>> paper_source("layer")
+    'featmatch (not in the paper)'
     """
-    out = list(outcomes["outcome"]) if isinstance(outcomes, pd.DataFrame) else list(outcomes)
-    bad = set(out) - {"win", "loss", "tie", "n/a"}
-    if bad:
-        raise ValueError(f"unknown outcomes {sorted(bad)}")
-    wins, losses = out.count("win"), out.count("loss")
-    if wins + losses + out.count("tie") == 0:
-        return "not tested"
-    if wins and not losses:
-        return "held"
-    if not wins:
-        return "failed"
-    return "mixed"
+    if baseline not in PAPER_ACCURACY:
+        return "featmatch (not in the paper)"
+    ours, base = PAPER_ACCURACY["semantic_ot"], PAPER_ACCURACY[baseline]
+    return (
+        f"paper §2.6 ({ours['GPT-2 small']:.2f} vs {base['GPT-2 small']:.2f} GPT-2; "
+        f"{ours['Gemma-2-2B']:.2f} vs {base['Gemma-2-2B']:.2f} Gemma)"
+    )
 
 
-def band_verdict(value: float, held: float, failed: float, higher_is_better: bool = True) -> str:
-    """Verdict of a one-number check: ``held`` / ``failed`` thresholds, ``mixed`` between.
+def compression_claims(
+    summary: pd.DataFrame,
+    lin: pd.DataFrame,
+    n_nodes: int,
+    shown: str = "semantic_ot",
+    baselines: Sequence[str] = ("decoder_cosine", "sae_match", "layer"),
+) -> tuple[list[Claim], pd.DataFrame]:
+    """The chapter's claims, each with its verdict computed from the numbers.
 
-    With ``higher_is_better``: ``value >= held`` -> "held", ``value < failed`` -> "failed";
-    otherwise the inequalities are reversed. NaN gives "not tested".
+    * "``shown`` beats baseline X": :func:`score_outcomes` on :func:`compared_scores` of the
+      whole graph's faithfulness, verdict by
+      :func:`featmatch.chapters.claims.verdict_outcomes`.
+    * Compression to about 10 %: supernodes / nodes, :func:`~featmatch.chapters.claims.verdict_threshold`
+      with :data:`COMPRESSION_HELD` / :data:`COMPRESSION_FAILED`.
+    * Linearisation: median relative error over the checked layers at the smallest step,
+      with :data:`LINEARISATION_HELD` / :data:`LINEARISATION_FAILED`.
+    * Faithful graph: faithfulness of the whole graph, with :data:`FAITHFUL_HELD` /
+      :data:`FAITHFUL_FAILED`.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        :func:`featmatch.circuits.compare_methods` summary, indexed by method key, with
+        ``faithfulness_graph``, ``n_supernodes``, ``n_nodes`` and the compared scores.
+    lin : pandas.DataFrame
+        :func:`featmatch.circuits.linearisation_check` (``scale``, ``rel_error``).
+    n_nodes : int
+        Nodes of the graph (shown in the text).
+    shown : str
+        The method whose claims these are.
+    baselines : sequence of str
+        Method keys it is compared with.
+
+    Returns
+    -------
+    (list of Claim, pandas.DataFrame)
+        The claims, and the per-score outcomes (rows: scores; columns: baselines labelled by
+        :data:`METHOD_LABELS`).
     """
-    if higher_is_better and held < failed or not higher_is_better and held > failed:
-        raise ValueError("the 'held' threshold must be on the good side of the 'failed' threshold")
-    v = float(value)
-    if not np.isfinite(v):
-        return "not tested"
-    if higher_is_better:
-        return "held" if v >= held else "failed" if v < failed else "mixed"
-    return "held" if v <= held else "failed" if v > failed else "mixed"
-
-
-# ----------------------------------------------------------------------------- figures
-def plot_accuracy_by_format(acc: pd.DataFrame, ax: Any, chosen: Sequence[str] = ()) -> Any:
-    """Horizontal bars of per-format accuracy (:func:`featmatch.circuits.accuracy_by_format`).
-
-    The formats in ``chosen`` are drawn in a strong colour; each bar is labelled
-    ``n_correct/n``. Returns the Axes.
-    """
-    df = acc.reset_index(drop=True)
-    y = np.arange(len(df))
-    colors = ["tab:orange" if f in set(chosen) else "tab:gray" for f in df["format"]]
-    ax.barh(y, 100 * df["accuracy"].to_numpy(dtype=float), color=colors)
-    for yi, r in zip(y, df.itertuples(index=False), strict=True):
-        ax.text(100 * r.accuracy + 1, yi, f"{r.n_correct}/{r.n}", va="center", fontsize=8)
-    ax.set_yticks(y)
-    ax.set_yticklabels(df["format"])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 110)
-    ax.set_xlabel("greedy accuracy (%)")
-    ax.set_ylabel("prompt format")
-    ax.set_title("Digit addition: accuracy per prompt format" + (" (orange: used)" if chosen else ""))
-    return ax
-
-
-def plot_faithfulness_curves(
-    curves: pd.DataFrame, ax: Any, labels: Mapping[str, str] | None = None, y: str = "faithfulness"
-) -> Any:
-    """Faithfulness (or ``y="accuracy"``) against the number of nodes kept, per method.
-
-    ``curves`` is the tidy frame of :func:`featmatch.circuits.compare_methods` (columns
-    ``method, level, k, n_nodes`` and ``y``). Supernode level: solid line with markers;
-    node level at the same node counts: dashed line in the same colour. Returns the Axes.
-    """
-    labels = dict(METHOD_LABELS if labels is None else labels)
-    for i, (method, df) in enumerate(curves.groupby("method", sort=False)):
-        color = f"C{i}"
-        sn = df[df["level"] == "supernode"].sort_values("k")
-        nd = df[df["level"] == "node"].sort_values("k")
-        name = labels.get(method, method)
-        ax.plot(sn["n_nodes"], sn[y], "-o", color=color, ms=3, label=f"{name}: supernodes")
-        ax.plot(nd["n_nodes"], nd[y], "--", color=color, alpha=0.6, label=f"{name}: nodes")
-    ax.axhline(1.0, color="k", lw=0.5)
-    ax.axhline(0.0, color="k", lw=0.5)
-    ax.set_xlabel("nodes kept (top-k supernodes, or the same number of top nodes)")
-    ax.set_ylabel(y if y != "faithfulness" else "faithfulness F(C)")
-    ax.set_title(f"{'Faithfulness' if y == 'faithfulness' else y.capitalize()} as the circuit grows")
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    return ax
+    claims, details = [], {}
+    f_graph = float(summary.loc[shown, "faithfulness_graph"])
+    scores = compared_scores(f_graph)  # faithfulness-based scores only when the graph is faithful
+    for base in baselines:
+        oc = score_outcomes(summary, shown, base, scores=scores)
+        details[METHOD_LABELS.get(base, base)] = oc.set_index("score")["outcome"]
+        won = ", ".join(f"{r.score} {r.outcome} ({r.ours:.3g} vs {r.baseline:.3g})" for r in oc.itertuples())
+        claims.append(
+            Claim(
+                f"{METHOD_LABELS.get(shown, shown)} supernodes beat {METHOD_LABELS.get(base, base)}",
+                paper_source(base),
+                won,
+                verdict_outcomes(oc),
+            )
+        )
+    ratio = summary.loc[shown, "n_supernodes"] / summary.loc[shown, "n_nodes"]
+    claims.append(
+        Claim(
+            "Circuits compress to about 10 % of their nodes",
+            "paper §2.6",
+            f"{summary.loc[shown, 'n_supernodes']} supernodes / {n_nodes} nodes = {ratio:.2f}",
+            verdict_threshold(float(ratio), COMPRESSION_HELD, COMPRESSION_FAILED),
+        )
+    )
+    s_min = float(lin["scale"].min())
+    lin_err = float(lin.loc[lin["scale"] == s_min, "rel_error"].median())
+    claims.append(
+        Claim(
+            f"Node attributions predict the metric change (s = {s_min:g})",
+            "featmatch issue 7",
+            f"median relative error {lin_err:.3f} (s = 1: "
+            f"{float(lin.loc[lin['scale'] == 1.0, 'rel_error'].median()):.3f})",
+            verdict_threshold(lin_err, LINEARISATION_HELD, LINEARISATION_FAILED),
+        )
+    )
+    claims.append(
+        Claim(
+            f"The {n_nodes}-node graph is faithful",
+            "Marks et al. 2024 (method)",
+            f"F(graph) = {f_graph:.3f}",
+            verdict_threshold(f_graph, FAITHFUL_HELD, FAITHFUL_FAILED),
+        )
+    )
+    return claims, pd.DataFrame(details)

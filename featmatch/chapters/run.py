@@ -4,23 +4,57 @@ The notebooks in ``notebooks/`` are paired jupytext files: ``NN_name.py`` (py:pe
 the reviewed source) and ``NN_name.ipynb``. Each has one cell tagged ``parameters``;
 papermill injects new values after it. Executed copies are written to an output folder
 (``book/notebooks`` for the published book), never over the sources.
+
+The kernels get the runner's environment without ``MPLBACKEND``: a headless parent
+(``make`` exports ``MPLBACKEND=Agg``) would otherwise hand its non-interactive backend to
+the kernel, where ``plt.show()`` then draws nothing and the book has no figures. Without
+the variable, ipykernel selects matplotlib's inline backend, which embeds every shown
+figure as an ``image/png`` output.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from featmatch._io import atomic_save
 
-__all__ = ["NotebookRun", "notebook_dir", "list_notebooks", "resolve_notebook", "run_notebook", "parse_param"]
+__all__ = [
+    "NotebookRun",
+    "notebook_dir",
+    "list_notebooks",
+    "resolve_notebook",
+    "run_notebook",
+    "parse_param",
+    "kernel_environment",
+]
 
 KERNEL_NAME = "python3"
+
+#: Environment variables the kernels do not inherit from the runner (see the module docstring).
+KERNEL_ENV_DROP: tuple[str, ...] = ("MPLBACKEND",)
+
+
+@contextlib.contextmanager
+def kernel_environment() -> Iterator[None]:
+    """Unset :data:`KERNEL_ENV_DROP` while kernels start; restore them afterwards.
+
+    A kernel copies ``os.environ`` when it is launched and ``papermill.execute_notebook``
+    takes no environment argument, so the variables are removed from this process for the
+    duration of the block (the runner executes one notebook at a time).
+    """
+    saved = {name: os.environ.pop(name) for name in KERNEL_ENV_DROP if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def notebook_dir() -> Path:
@@ -28,7 +62,7 @@ def notebook_dir() -> Path:
     env = os.environ.get("FEATMATCH_NOTEBOOKS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def list_notebooks(folder: Path | None = None) -> list[Path]:
@@ -124,7 +158,8 @@ def run_notebook(
                     f"{nb.stem} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (see {failed})"
                 ) from None
 
-        atomic_save(dest.with_suffix(".ipynb"), _execute)
+        with kernel_environment():
+            atomic_save(dest.with_suffix(".ipynb"), _execute)
         dest.with_suffix(".failed.ipynb").unlink(missing_ok=True)
         runs.append(NotebookRun(nb.stem, dest, time.perf_counter() - start))
         print(f"[featmatch] {nb.stem}: {runs[-1].seconds:.1f} s -> {dest}", flush=True)

@@ -3,17 +3,25 @@
 Everything the notebook computes beyond calling :mod:`featmatch.semantic`,
 :mod:`featmatch.evaluation.metrics` and :mod:`featmatch.judging.judges` lives here, so tests can reach it:
 
-* :func:`paper_pairs`: the analogues of the paper's layer pairs for any set of layers;
+* :func:`paper_pairs`, :func:`resolve_pairs`, :func:`comparison_pair`: the analogues of the
+  paper's layer pairs for any set of layers, and the pair the design choices are compared on;
 * :func:`reference_spaces`: several reference spaces from **one** forward pass (the same
-  result as :func:`featmatch.semantic.reference_coordinates`, called once per space);
-* :func:`score_table`, :func:`judge_pairs`, :func:`judge_table`: per pair and method,
-  matching score, activation correlation and the judge's mean label;
+  result as :func:`featmatch.semantic.reference_coordinates`, called once per space), and
+  :func:`comparison_spaces`, the spaces the chapter compares;
+* :func:`feature_distributions`, :func:`distribution_summary`, :func:`semantic_matchings`,
+  :func:`pair_matchings`: the feature distributions and the four matchings of a pair;
+* :func:`method_scores`, :func:`method_scores_wide`, :func:`judge_sample`,
+  :func:`judge_pairs`, :func:`judge_table`: per pair and method, matching score,
+  activation correlation and the judge's mean label;
+* :func:`reference_space_table`: Semantic OT on one pair in every reference space;
 * :data:`PAPER_JUDGE` and :func:`paper_layout`: the paper's LLM-judge table with our row
   beside each of its pairs;
-* :func:`beats`, :func:`wins_verdict`, :func:`threshold_verdict`: the rules that turn
-  numbers into claim verdicts (never hard-coded in the notebook);
-* :func:`disagreements`: features of A that two methods match differently, ranked;
-* plotting helpers that draw on a given :class:`matplotlib.axes.Axes`.
+* :func:`beats`, :func:`semantic_ot_claims`, :func:`win_summary`: the rules that turn numbers
+  into claim verdicts (through :mod:`featmatch.chapters.claims`; never hard-coded in the
+  notebook), with the goal :data:`SPEARMAN_GOAL`;
+* :func:`disagreements`, :func:`disagreement_report`: features of A that two methods match
+  differently, ranked and shown with their contexts;
+* plotting functions (``plot_*``) that draw on a given :class:`matplotlib.axes.Axes`.
 
 The paper is Cao, Do and Thai (2026), *Semantic Optimal Transport for Sparse Autoencoder
 Feature Matching and Circuit Compression* (arXiv:2605.28567; ``PAPERS.md`` section 2).
@@ -21,7 +29,6 @@ Feature Matching and Circuit Compression* (arXiv:2605.28567; ``PAPERS.md`` secti
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,36 +36,55 @@ import numpy as np
 import pandas as pd
 import torch
 
-from featmatch.evaluation.metrics import matching_score
+from featmatch._io import tokens_sha256
+from featmatch.chapters.claims import Claim, verdict_all
+from featmatch.evaluation.metrics import activation_correlation, matching_score
 
 __all__ = [
     "METHODS",
     "PAPER_METHODS",
+    "BASELINES",
     "PAPER_JUDGE",
+    "SPEARMAN_GOAL",
     "paper_pairs",
     "pair_kind",
+    "resolve_pairs",
+    "comparison_pair",
     "resolve_reference",
     "reference_spaces",
-    "score_table",
+    "comparison_spaces",
+    "feature_distributions",
+    "distribution_summary",
+    "semantic_matchings",
+    "pair_matchings",
+    "method_scores",
+    "method_scores_wide",
     "judge_features",
     "judge_pairs",
+    "judge_sample",
     "judge_table",
     "paper_layout",
+    "reference_space_table",
     "beats",
-    "wins_verdict",
-    "threshold_verdict",
+    "by_pair_text",
+    "semantic_ot_claims",
+    "win_summary",
     "disagreements",
+    "disagreement_report",
     "approximation_sample",
-    "plot_method_scores",
-    "plot_judge_labels",
-    "plot_approximation",
-    "plot_reference_spaces",
 ]
 
 #: Method names used in every table of the chapter (the paper's three columns first).
 PAPER_METHODS: tuple[str, ...] = ("Semantic OT", "Feature Flow", "SAE Match")
 #: The paper's three methods plus featmatch's many-to-one variant of Semantic OT.
 METHODS: tuple[str, ...] = PAPER_METHODS + ("Semantic OT top-1",)
+#: The two baselines Semantic OT is compared with in every "beats" claim.
+BASELINES: tuple[str, ...] = ("Feature Flow", "SAE Match")
+
+#: Spearman rank correlation with exact :math:`W_2` that an approximate distance (sliced or
+#: entropic) must reach on random pairs of real features to "rank pairs like exact"
+#: (featmatch issue 6; the paper states no number).
+SPEARMAN_GOAL: float = 0.95
 
 #: LLM-judge scores (1-3) reported by the paper (``PAPERS.md`` section 2.5; the baseline
 #: rows come from a third-party copy of its tables). ``kind`` names the analogue pair.
@@ -117,6 +143,42 @@ def pair_kind(pair: tuple[int, int], layers: Sequence[int]) -> str:
     return names.get((int(pair[0]), int(pair[1])), "other")
 
 
+def resolve_pairs(pairs: Sequence[Sequence[int]] | None, layers: Sequence[int]) -> list[tuple[int, int]]:
+    """The layer pairs of a run: ``pairs`` as int tuples, or :func:`paper_pairs` of ``layers``.
+
+    Parameters
+    ----------
+    pairs : sequence of (int, int), optional
+        The notebook's ``PAIRS``; ``None`` takes the analogues of the paper's pairs.
+    layers : sequence of int
+        Every layer the SAE set covers.
+
+    Examples
+    --------
+    >>> resolve_pairs(None, range(12))
+    [(5, 6), (5, 11), (0, 11)]
+    >>> resolve_pairs([[1, 3]], range(12))
+    [(1, 3)]
+    """
+    chosen = pairs if pairs is not None else paper_pairs(layers)
+    return [(int(p[0]), int(p[1])) for p in chosen]
+
+
+def comparison_pair(pairs: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The pair on which the design choices are compared: the second (mid→last) if any.
+
+    Examples
+    --------
+    >>> comparison_pair([(5, 6), (5, 11), (0, 11)])
+    (5, 11)
+    >>> comparison_pair([(3, 7)])
+    (3, 7)
+    """
+    if not pairs:
+        raise ValueError("no pairs")
+    return tuple(pairs[1] if len(pairs) > 1 else pairs[0])  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------------------
 # Reference spaces from one forward pass
 # --------------------------------------------------------------------------------------
@@ -151,21 +213,6 @@ def resolve_reference(space: str, n_layers: int) -> tuple[str, str]:
     raise ValueError(
         f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'"
     )
-
-
-def _tokens_sha(tokens: torch.Tensor) -> str:
-    # the same hash as featmatch.semantic uses to tie a space to its token batch
-    from featmatch import semantic
-
-    fn = getattr(semantic, "_tokens_sha", None)
-    if fn is not None:
-        return fn(tokens)
-    arr = np.ascontiguousarray(np.asarray(tokens.cpu()), dtype=np.int64)  # pragma: no cover
-    h = hashlib.sha256()  # pragma: no cover
-    for part in (str(arr.shape).encode(), arr.tobytes()):  # pragma: no cover
-        h.update(part)
-        h.update(b"\x00")
-    return h.hexdigest()  # pragma: no cover
 
 
 def reference_spaces(
@@ -226,7 +273,7 @@ def reference_spaces(
             kwargs = {} if stop is None else {"stop_at_layer": stop}
             model.run_with_hooks(batch, fwd_hooks=[(h, grab) for h in wanted], **kwargs)
     hidden = {h: torch.cat(c, 0) for h, c in chunks.items()}
-    tsha = _tokens_sha(tokens)
+    tsha = tokens_sha256(tokens, terminated=True)  # as reference_coordinates
     model_name = getattr(model.cfg, "model_name", "model")
     out = {}
     for label, (space, pca_k) in specs.items():
@@ -238,15 +285,142 @@ def reference_spaces(
     return out
 
 
+def comparison_spaces(reference: str, pca_k: int | None, n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """The reference spaces the chapter compares, labelled, the default first.
+
+    The default (``reference`` with ``pca_k`` PCA dimensions), the same hook without PCA,
+    the final residual stream and the token embedding (both with ``pca_k``). The result is
+    the ``specs`` of :func:`reference_spaces`. Without PCA (``pca_k`` ``None`` or 0) the
+    first two coincide and are one entry, so there are three spaces.
+
+    Parameters
+    ----------
+    reference : str
+        The notebook's ``REFERENCE`` (see :func:`resolve_reference`).
+    pca_k : int or None
+        PCA dimensions; ``None`` keeps the raw hidden states.
+    n_layers : int
+        Layers of the model (to name the hooks).
+
+    Examples
+    --------
+    >>> list(comparison_spaces("layer:mid", 16, 30))  # doctest: +NORMALIZE_WHITESPACE
+    ['layer:mid (blocks.15.hook_resid_post), PCA 16', 'layer:mid (blocks.15.hook_resid_post), no PCA',
+     'final (blocks.29.hook_resid_post), PCA 16', 'embed (hook_embed), PCA 16']
+    """
+    ref_hook = resolve_reference(reference, n_layers)[1]
+    pca_name = f"PCA {pca_k}" if pca_k else "no PCA"
+    return {
+        f"{reference} ({ref_hook}), {pca_name}": (reference, pca_k),
+        f"{reference} ({ref_hook}), no PCA": (reference, None),
+        f"final ({resolve_reference('final', n_layers)[1]}), {pca_name}": ("final", pca_k),
+        f"embed (hook_embed), {pca_name}": ("embed", pca_k),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Feature distributions and the four matchings
+# --------------------------------------------------------------------------------------
+
+
+def feature_distributions(
+    stats: Any, space: Any, layers: Sequence[int], n: int, seed: int = 0
+) -> dict[int, Any]:
+    """Feature distributions of ``layers`` in one reference space.
+
+    :meth:`featmatch.semantic.FeatureDistributions.from_stats` per layer, on the activation
+    samples of ``stats`` (the fit slice) and the coordinates of ``space``.
+
+    Returns
+    -------
+    dict int -> featmatch.semantic.FeatureDistributions
+    """
+    from featmatch.semantic._semantic import FeatureDistributions
+
+    return {layer: FeatureDistributions.from_stats(stats, layer, space, n=n, seed=seed) for layer in layers}
+
+
+def distribution_summary(dists: Mapping[int, Any]) -> pd.DataFrame:
+    """Per layer: features, features with samples, features never firing, mean samples.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``layer, features, with samples, never fire (excluded), mean samples per
+        feature``.
+    """
+    return pd.DataFrame(
+        [
+            {
+                "layer": layer,
+                "features": d.n_features,
+                "with samples": len(d),
+                "never fire (excluded)": len(d.empty),
+                "mean samples per feature": float(d.support_size.mean()),
+            }
+            for layer, d in dists.items()
+        ]
+    )
+
+
+def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed: int = 0) -> tuple[Any, Any]:
+    """Semantic OT (one-to-one assignment) and its top-1 variant from one distance matrix.
+
+    Parameters
+    ----------
+    a, b : featmatch.semantic.FeatureDistributions
+        The features of layers A and B.
+    method : {"exact", "sinkhorn", "sliced"}
+        The distance (:func:`featmatch.semantic.distance_matrix`).
+    candidates : int, optional
+        Pairs per feature computed by ``method`` after a sliced pre-selection (``None``: all).
+    seed : int
+
+    Returns
+    -------
+    (Matching, Matching)
+        The assignment and the many-to-one nearest feature.
+    """
+    from featmatch.semantic._semantic import distance_matrix, semantic_match
+
+    D = distance_matrix(a, b, method, candidates=candidates, seed=seed, progress=False)
+    return (
+        semantic_match(a, b, distances=D, mode="assignment"),
+        semantic_match(a, b, distances=D, mode="topk", k=1),
+    )
+
+
+def pair_matchings(
+    dist_a: Any, dist_b: Any, sae_a: Any, sae_b: Any, method: str, candidates: int | None, seed: int = 0
+) -> dict[str, Any]:
+    """The four matchings of one layer pair, keyed by :data:`METHODS`.
+
+    Semantic OT and its top-1 variant (:func:`semantic_matchings`), Feature Flow (top-1
+    decoder cosine) and SAE Match (folded encoder+decoder assignment).
+    """
+    from featmatch.semantic._semantic import decoder_cosine_match, sae_match
+
+    sem, sem1 = semantic_matchings(dist_a, dist_b, method, candidates, seed)
+    return {
+        "Semantic OT": sem,
+        "Feature Flow": decoder_cosine_match(sae_a, sae_b),
+        "SAE Match": sae_match(sae_a, sae_b),
+        "Semantic OT top-1": sem1,
+    }
+
+
 # --------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------
 
 
-def score_table(
+def method_scores(
     stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any]], common: bool = True
 ) -> pd.DataFrame:
-    """Matching score and activation correlation of every (pair, method).
+    """Matching score and activation correlation of every (pair, method), one row each.
+
+    Long format, one row per (pair, method); chapter 01's ``score_table`` nests the other
+    way (method, then layer).
 
     Parameters
     ----------
@@ -265,8 +439,6 @@ def score_table(
         n_matched, one_to_one``: means over the scored features of A that fire (see
         :func:`featmatch.evaluation.metrics.matching_score`); ``n_scored`` counts them.
     """
-    from featmatch.evaluation.metrics import activation_correlation, matching_score
-
     rows = []
     for (la, lb), by_method in matchings.items():
         keep = np.ones(len(next(iter(by_method.values())).perm), dtype=bool)
@@ -291,6 +463,17 @@ def score_table(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def method_scores_wide(scores: pd.DataFrame) -> pd.DataFrame:
+    """:func:`method_scores` as one row per pair and ``(score, method)`` columns.
+
+    Columns are the two scores (``correlation``, ``matching_score``) by method; rows keep
+    the pairs' order.
+    """
+    return scores.pivot_table(
+        index="pair", columns="method", values=["matching_score", "correlation"], sort=False
+    )
 
 
 def judge_features(
@@ -324,6 +507,39 @@ def judge_pairs(
         df = matched_pairs(source, layer_a, layer_b, m, features=features)
         df.insert(0, "method", method)
         frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def judge_sample(
+    source: Any,
+    stats: Any,
+    matchings: Mapping[tuple[int, int], Mapping[str, Any]],
+    n: int,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Every text pair the judge reads: for each layer pair, :func:`judge_features` of its
+    layer A (the same for every method) and :func:`judge_pairs` of them.
+
+    Parameters
+    ----------
+    source : ContextExplanations
+        Texts of the features (on the eval slice).
+    stats : ActivationStats
+        Eval-slice statistics (``fire_count``).
+    matchings : mapping (la, lb) -> mapping method -> Matching
+    n : int
+        Judged features per layer pair.
+    seed : int
+
+    Returns
+    -------
+    pandas.DataFrame
+        The :func:`judge_pairs` frames of all pairs, concatenated in pair order.
+    """
+    frames = []
+    for (la, lb), by_method in matchings.items():
+        feats = judge_features(stats, la, by_method, n, seed=seed)
+        frames.append(judge_pairs(source, la, lb, by_method, feats))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -410,6 +626,87 @@ def paper_layout(
 
 
 # --------------------------------------------------------------------------------------
+# Reference spaces compared
+# --------------------------------------------------------------------------------------
+
+
+def reference_space_table(
+    stats_fit: Any,
+    stats_eval: Any,
+    spaces: Mapping[str, Any],
+    default: str,
+    pair: tuple[int, int],
+    default_matching: Any,
+    scores: pd.DataFrame,
+    *,
+    n_samples: int,
+    method: str,
+    candidates: int | None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, float]:
+    """Semantic OT on one pair in every reference space, scored on the eval slice.
+
+    In each space except ``default`` the features of the pair get new distributions
+    (:func:`feature_distributions` on ``stats_fit``) and a new assignment
+    (:func:`semantic_matchings`); the default space reuses ``default_matching``. Each
+    matching is scored by the mean matching score and activation correlation over *all*
+    its scored features of A (not the common features of :func:`method_scores`), and by its
+    agreement with the default: the share of the features of A matched in both that keep
+    the same partner.
+
+    Parameters
+    ----------
+    stats_fit, stats_eval : ActivationStats
+        Fit slice (activation samples) and eval slice (with the pair's co-activations).
+    spaces : mapping label -> ReferenceSpace
+        E.g. :func:`reference_spaces` of :func:`comparison_spaces`.
+    default : str
+        The label of the default space in ``spaces``.
+    pair : (int, int)
+    default_matching : Matching
+        Semantic OT of ``pair`` in the default space.
+    scores : pandas.DataFrame
+        :func:`method_scores` of the run (for the best baseline's matching score).
+    n_samples, method, candidates, seed
+        As for the default matching.
+
+    Returns
+    -------
+    (pandas.DataFrame, float)
+        Columns ``space, k, matching_score, correlation, agreement_with_default,
+        beats_best_baseline`` (one row per space, in ``spaces`` order), and the best
+        matching score of the baselines (:data:`BASELINES`) on ``pair`` in ``scores``.
+    """
+    la, lb = pair
+    main = default_matching
+    rows = []
+    for label, space in spaces.items():
+        if label == default:
+            m = main
+        else:
+            d = feature_distributions(stats_fit, space, (la, lb), n=n_samples, seed=seed)
+            m = semantic_matchings(d[la], d[lb], method, candidates, seed)[0]
+        both = (m.perm >= 0) & (main.perm >= 0)
+        rows.append(
+            {
+                "space": label,
+                "k": space.k,
+                "matching_score": float(np.nanmean(matching_score(stats_eval, la, lb, m).per_feature)),
+                "correlation": float(np.nanmean(activation_correlation(stats_eval, la, lb, m).per_feature)),
+                "agreement_with_default": float((m.perm[both] == main.perm[both]).mean())
+                if both.any()
+                else float("nan"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    baseline_best = scores[
+        (scores.pair == f"{la}→{lb}") & scores.method.isin(list(BASELINES))
+    ].matching_score.max()
+    table["beats_best_baseline"] = table.matching_score > baseline_best
+    return table, float(baseline_best)
+
+
+# --------------------------------------------------------------------------------------
 # Verdict rules
 # --------------------------------------------------------------------------------------
 
@@ -418,7 +715,7 @@ def beats(
     table: pd.DataFrame,
     value: str,
     method: str = "Semantic OT",
-    baselines: Sequence[str] = ("Feature Flow", "SAE Match"),
+    baselines: Sequence[str] = BASELINES,
     margin: float = 0.0,
 ) -> pd.Series:
     """Per pair: does ``method`` exceed every baseline's ``value`` by more than ``margin``?
@@ -433,24 +730,132 @@ def beats(
     return ok.fillna(False).astype(bool)
 
 
-def wins_verdict(wins: Sequence[bool] | pd.Series) -> str:
-    """``"held"`` if every entry is true, ``"failed"`` if none is, ``"mixed"`` otherwise.
+def by_pair_text(table: pd.DataFrame, value: str) -> str:
+    """``value`` of the paper's three methods on every pair, as one line of text.
 
-    An empty input is ``"not tested"``.
+    E.g. ``"5→6: Semantic OT 0.61, Feature Flow 0.58, SAE Match 0.40; 5→11: ..."``; the
+    "Our number" of a claims-table row.
     """
-    w = [bool(x) for x in wins]
-    if not w:
-        return "not tested"
-    if all(w):
-        return "held"
-    if not any(w):
-        return "failed"
-    return "mixed"
+    wide = table.pivot_table(index="pair", columns="method", values=value, aggfunc="first", sort=False)
+    return "; ".join(
+        f"{p}: " + ", ".join(f"{m} {wide.loc[p, m]:.2f}" for m in PAPER_METHODS) for p in wide.index
+    )
 
 
-def threshold_verdict(values: Sequence[float], goal: float) -> str:
-    """``wins_verdict`` of ``value >= goal`` (NaN counts as missing the goal)."""
-    return wins_verdict([bool(np.isfinite(v) and v >= goal) for v in values])
+def semantic_ot_claims(
+    judged: pd.DataFrame,
+    scores: pd.DataFrame,
+    approx: pd.DataFrame,
+    space_table: pd.DataFrame,
+    baseline_best: float,
+    judge_name: str,
+    pair: tuple[int, int],
+) -> list[Claim]:
+    """The chapter's claims, each with its verdict computed from the numbers.
+
+    * Method comparisons (judge mean, matching score, activation correlation): Semantic OT
+      *wins* a pair when it beats both baselines (:func:`beats`, no margin); the verdict is
+      :func:`featmatch.chapters.claims.verdict_all` of the wins over the pairs.
+    * Approximation quality: :func:`~featmatch.chapters.claims.verdict_all` of "Spearman
+      against exact >= :data:`SPEARMAN_GOAL`" over the approximations of each family (sliced,
+      entropic); NaN misses the goal.
+    * Reference space: :func:`~featmatch.chapters.claims.verdict_all` of
+      ``beats_best_baseline`` over the spaces of :func:`reference_space_table`.
+
+    Parameters
+    ----------
+    judged : pandas.DataFrame
+        :func:`judge_table`.
+    scores : pandas.DataFrame
+        :func:`method_scores`.
+    approx : pandas.DataFrame
+        :func:`featmatch.semantic.approximation_report` rows of both families (``method`` is
+        ``"sliced"`` or ``"sinkhorn"``).
+    space_table, baseline_best
+        :func:`reference_space_table`.
+    judge_name : str
+        Shown in the judge row.
+    pair : (int, int)
+        The pair of ``space_table``.
+
+    Returns
+    -------
+    list of featmatch.chapters.claims.Claim
+    """
+    la, lb = pair
+    sl, sk = approx[approx.method == "sliced"], approx[approx.method == "sinkhorn"]
+    goal = f"Spearman ≥ {SPEARMAN_GOAL:.2f}"
+    return [
+        Claim(
+            "Semantic OT gets higher judge scores than decoder cosine and SAE Match on each pair",
+            "Cao et al. 2026, LLM-judge table",
+            f"{judge_name}: " + by_pair_text(judged, "judge_mean"),
+            verdict_all(beats(judged, "judge_mean")),
+        ),
+        Claim(
+            "Semantic OT matches features better than decoder-vector baselines (matching score)",
+            "Cao et al. 2026, abstract",
+            by_pair_text(scores, "matching_score"),
+            verdict_all(beats(scores, "matching_score")),
+        ),
+        Claim(
+            "Semantic OT matches features better than decoder-vector baselines (activation correlation)",
+            "Cao et al. 2026, abstract",
+            by_pair_text(scores, "correlation"),
+            verdict_all(beats(scores, "correlation")),
+        ),
+        Claim(
+            f"Sliced W2 ranks pairs of real features like exact W2 ({goal})",
+            "featmatch issue 6 (goal)",
+            "; ".join(
+                f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.2f} "
+                f"({r.scaled_rel_error_median:.2f} after scale)"
+                for r in sl.itertuples()
+            ),
+            verdict_all(_reaches(sl.spearman, SPEARMAN_GOAL)),
+        ),
+        Claim(
+            f"Entropic W2 ranks pairs of real features like exact W2 ({goal})",
+            "featmatch issue 6 (goal)",
+            "; ".join(
+                f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.3f}"
+                for r in sk.itertuples()
+            ),
+            verdict_all(_reaches(sk.spearman, SPEARMAN_GOAL)),
+        ),
+        Claim(
+            f"Semantic OT beats the best baseline's matching score whatever the reference space ({la}→{lb})",
+            "featmatch design choice (PAPERS.md 2.2)",
+            "; ".join(f"{r.space}: {r.matching_score:.2f}" for r in space_table.itertuples())
+            + f" (best baseline {baseline_best:.2f})",
+            verdict_all(space_table.beats_best_baseline),
+        ),
+    ]
+
+
+def _reaches(values: Sequence[float], goal: float) -> list[bool]:
+    """``value >= goal`` for each value; NaN misses the goal."""
+    return [bool(np.isfinite(v) and v >= goal) for v in values]
+
+
+def win_summary(judged: pd.DataFrame, scores: pd.DataFrame, judge_name: str) -> list[str]:
+    """One line per compared score: on how many pairs Semantic OT beats both baselines.
+
+    E.g. ``"matching score: Semantic OT beats both baselines on 2 of 3 pairs (5→6, 0→11)"``.
+    """
+    lines = []
+    for value, name in (
+        ("judge_mean", f"judge ({judge_name})"),
+        ("matching_score", "matching score"),
+        ("correlation", "correlation"),
+    ):
+        table = judged if value == "judge_mean" else scores
+        won = beats(table, value)
+        lines.append(
+            f"{name}: Semantic OT beats both baselines on {int(won.sum())} of {len(won)} pairs"
+            + (f" ({', '.join(won.index[won])})" if won.any() else "")
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -498,6 +903,54 @@ def disagreements(
     return out[["feature_a", "b_first", "b_second", "score_first", "score_second", "gap", "winner", "fires"]]
 
 
+def disagreement_report(
+    stats: Any,
+    texts: Any,
+    pair: tuple[int, int],
+    m_first: Any,
+    m_second: Any,
+    names: tuple[str, str] = ("Semantic OT", "Feature Flow"),
+    n: int = 2,
+) -> str:
+    """Where two matchings disagree, as text: a count, then :func:`disagreements` shown.
+
+    The first line counts the features of A that ``m_first`` matches to another partner
+    than ``m_second``. Each ranked feature (see :func:`disagreements`) follows as a block
+    with its top contexts and those of both partners, with their matching scores.
+
+    Parameters
+    ----------
+    stats : ActivationStats
+        Eval-slice statistics of ``pair``.
+    texts : ContextExplanations
+        With ``examples(layer, feature) -> list[str]``.
+    pair : (int, int)
+    m_first, m_second : Matching
+    names : (str, str)
+        Names of the two matchings.
+    n : int
+        Features shown in each direction.
+    """
+    la, lb = pair
+    dis = disagreements(stats, la, lb, m_first, m_second, n=n)
+    n_diff = int(((m_first.perm >= 0) & (m_first.perm != m_second.perm)).sum())
+    lines = [
+        f"{la}→{lb}: {names[0]} and {names[1]} choose different partners for {n_diff} of {m_first.n_a} features"
+    ]
+    for r in dis.itertuples():
+        better = names[0] if r.winner == "first" else names[1]
+        lines.append(
+            f"\n=== layer {la} feature {r.feature_a} ({r.fires} firings; better partner: {better}) ==="
+        )
+        lines += [f"   A    {ctx}" for ctx in texts.examples(la, r.feature_a)]
+        for who, fb, sc in ((names[0], r.b_first, r.score_first), (names[1], r.b_second, r.score_second)):
+            lines.append(f"  {who} → layer {lb} feature {fb} (matching score {sc:.2f})")
+            lines += [
+                f"        {ctx}" for ctx in texts.examples(lb, fb) or ["(never fires on the eval slice)"]
+            ]
+    return "\n".join(lines)
+
+
 def approximation_sample(
     a: Any, b: Any, methods: Mapping[str, tuple[str, dict]], n_pairs: int, seed: int = 0
 ) -> pd.DataFrame:
@@ -520,69 +973,3 @@ def approximation_sample(
     for label, (method, kw) in methods.items():
         out[label] = pair_distances(a, b, pairs, method, **kw)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Plots (each draws on the Axes it is given and returns it)
-# --------------------------------------------------------------------------------------
-
-
-def plot_method_scores(ax: Any, table: pd.DataFrame, value: str, ylabel: str, title: str) -> Any:
-    """Grouped bars: one group per pair, one bar per method."""
-    wide = table.pivot_table(index="pair", columns="method", values=value, aggfunc="first", sort=False)
-    methods = [m for m in METHODS if m in wide.columns] + [m for m in wide.columns if m not in METHODS]
-    x = np.arange(len(wide.index))
-    width = 0.8 / max(len(methods), 1)
-    for k, m in enumerate(methods):
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, wide[m].to_numpy(), width, label=m)
-    ax.set_xticks(x, [f"layers {p}" for p in wide.index])
-    ax.set_xlabel("layer pair (A→B)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    return ax
-
-
-def plot_judge_labels(ax: Any, jt: pd.DataFrame, judge_name: str) -> Any:
-    """Stacked bars of the label shares (DIFFERENT / MAYBE / SAME) per pair and method."""
-    labels = [f"{r.pair}\n{r.method}" for r in jt.itertuples()]
-    n = jt["n_judged"].clip(lower=1).to_numpy()
-    bottom = np.zeros(len(jt))
-    for name, colour in (("DIFFERENT", "#d62728"), ("MAYBE", "#ffbf00"), ("SAME", "#2ca02c")):
-        share = jt[name].to_numpy() / n
-        ax.barh(np.arange(len(jt)), share, left=bottom, color=colour, label=name)
-        bottom += share
-    ax.set_yticks(np.arange(len(jt)), labels, fontsize="x-small")
-    ax.invert_yaxis()
-    ax.set_xlabel("share of judged pairs")
-    ax.set_ylabel("layer pair, method")
-    ax.set_title(f"Judge labels ({judge_name})")
-    ax.legend(fontsize="small", loc="lower right")
-    return ax
-
-
-def plot_approximation(ax: Any, sample: pd.DataFrame, label: str, rho: float | None = None) -> Any:
-    """Scatter of one approximation against the exact distance, with its fitted scale."""
-    x, y = sample["exact"].to_numpy(), sample[label].to_numpy()
-    ax.scatter(x, y, s=6, alpha=0.5)
-    denom = float(y @ y)
-    if denom > 0:
-        s = float(y @ x) / denom  # least squares W ≈ s * approx
-        grid = np.linspace(0, x.max(), 2)
-        ax.plot(grid, grid / s, color="k", lw=1, label=f"exact / {s:.3g}")
-        ax.legend(fontsize="small")
-    ax.set_xlabel("exact $W_2$")
-    ax.set_ylabel(f"{label} distance")
-    ax.set_title(f"{label} vs exact" + (f" (Spearman {rho:.3f})" if rho is not None else ""))
-    return ax
-
-
-def plot_reference_spaces(ax: Any, table: pd.DataFrame, value: str, xlabel: str, title: str) -> Any:
-    """Horizontal bars of one score per reference-space choice (``table`` has ``space``)."""
-    ax.barh(np.arange(len(table)), table[value].to_numpy())
-    ax.set_yticks(np.arange(len(table)), table["space"].tolist(), fontsize="small")
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("reference space")
-    ax.set_title(title)
-    return ax

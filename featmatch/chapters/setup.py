@@ -1,7 +1,7 @@
 """What every notebook needs first: a model, its SAEs at chosen layers, and held-out tokens.
 
 The notebooks call :func:`load_setup` with their parameters and get one :class:`Setup`.
-It resolves the SAE set (the embedded zoo or a hub release, see ``featmatch/sae_sets.yaml``),
+It resolves the SAE set (the embedded zoo or a hub release, see ``featmatch/saes/sae_sets.yaml``),
 builds the zoo profile on demand, tokenises the evaluation split of the offline corpus,
 and hands out the streaming activation statistics (cached on disk).
 """
@@ -118,7 +118,7 @@ def load_setup(
     model : str
         A name from :func:`featmatch.lm.models.available_models`.
     sae_set : str, optional
-        A name from ``featmatch/sae_sets.yaml``. Default: the embedded zoo of ``profile``,
+        A name from ``featmatch/saes/sae_sets.yaml``. Default: the embedded zoo of ``profile``,
         ``featmatch-smollm2-{profile}``, which is built on first use.
     layers : sequence of int, optional
         Default: every layer the set covers.

@@ -59,13 +59,14 @@ References
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+
+from featmatch._hooks import block_index, hook_name
 
 from ._tasks import TaskPrompts, TaskTokens, tokenize_task
 
@@ -79,7 +80,6 @@ __all__ = [
 ]
 
 LOGIT_NODE = "logit"
-_HOOK_LAYER = re.compile(r"blocks\.(\d+)\.")
 
 
 def node_id(layer: int, feature: int) -> str:
@@ -95,11 +95,10 @@ def _check_saes(saes: Mapping[int, object]) -> dict[int, tuple[object, str]]:
     out: dict[int, tuple[object, str]] = {}
     for layer in sorted(int(k) for k in saes):
         sae = saes[layer]
-        meta = getattr(getattr(sae, "cfg", None), "metadata", None)
-        hook = getattr(meta, "hook_name", None) or f"blocks.{layer}.hook_resid_post"
-        m = _HOOK_LAYER.search(hook)
-        if m is not None and int(m.group(1)) != layer:
-            raise ValueError(f"SAE given for layer {layer} reads hook {hook!r} (layer {m.group(1)})")
+        hook = hook_name(sae, layer)
+        hook_layer = block_index(hook)
+        if hook_layer is not None and hook_layer != layer:
+            raise ValueError(f"SAE given for layer {layer} reads hook {hook!r} (layer {hook_layer})")
         out[layer] = (sae, hook)
     return out
 

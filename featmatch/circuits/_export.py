@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._attribution import LOGIT_NODE, AttributionGraph
 from featmatch._io import atomic_write_json
+
+from ._attribution import LOGIT_NODE, AttributionGraph
 from ._supernodes import Supernodes
 
 __all__ = [

@@ -49,13 +49,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
+
+from featmatch.judging.judges import Judge
 
 from ._attribution import (
     AttributionGraph,
@@ -459,16 +461,6 @@ def node_ablation_effects(
     return pd.Series(
         float(ctx.m_full.mean()) - m.mean(1), index=graph.nodes["node_id"].to_numpy(), name="effect"
     )
-
-
-class _Judgement(Protocol):
-    label: int
-
-
-class Judge(Protocol):
-    """Anything with ``score(a: str, b: str)`` returning an object with ``.label`` in {1, 2, 3}."""
-
-    def score(self, a: str, b: str) -> _Judgement: ...
 
 
 def judge_agreement(

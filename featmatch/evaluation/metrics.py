@@ -145,7 +145,10 @@ def _perm(matching: Any, stats: Any = None, lb: int | None = None) -> np.ndarray
     perm = matching.perm if hasattr(matching, "perm") else matching
     perm = _to_numpy(perm).astype(np.int64, copy=False).ravel()
     if stats is not None and perm.size:
-        f_b = _layer_stat(stats, "fire_count", lb).shape[0]
+        try:
+            f_b = _layer_stat(stats, "fire_count", lb).shape[0]
+        except (KeyError, IndexError):  # the pair lookup reports a missing layer clearly
+            return perm
         if perm.max() >= f_b or perm.min() < -1:
             raise ValueError(f"perm entries must be -1 (unmatched) or in [0, {f_b}) for layer {lb}")
     return perm

@@ -51,7 +51,6 @@ Each splice records the explained variance of its prediction against the true
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -59,7 +58,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from featmatch._hooks import hook_name
+from featmatch._hooks import shift_block as _shift_hook
 from featmatch.evaluation.metrics import EVAccumulator, _batches, token_losses
+from featmatch.matching.baselines import top1_cosine_matching, top1_cosine_perm
 
 __all__ = [
     "METHODS",
@@ -281,26 +283,6 @@ def splice(
 # ---------------------------------------------------------------------------------------
 # SAE helpers
 # ---------------------------------------------------------------------------------------
-_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
-
-
-def hook_name(sae: Any) -> str:
-    """The hook an SAE reads, from ``sae.cfg.metadata.hook_name``."""
-    meta = getattr(sae.cfg, "metadata", None)
-    name = getattr(meta, "hook_name", None) if meta is not None else None
-    name = name or getattr(sae.cfg, "hook_name", None)
-    if not name:
-        raise ValueError("SAE has no cfg.metadata.hook_name; pass the hook names explicitly")
-    return name
-
-
-def _shift_hook(name: str, by: int = 1) -> str:
-    m = _BLOCK_RE.search(name)
-    if m is None:
-        raise ValueError(f"cannot find a block index in hook name {name!r}")
-    return name[: m.start(1)] + str(int(m.group(1)) + by) + name[m.end(1) :]
-
-
 def _theta(sae: Any) -> torch.Tensor:
     """Per-feature JumpReLU threshold θ (ones for SAEs without one, e.g. ReLU)."""
     th = getattr(sae, "threshold", None)
@@ -390,46 +372,6 @@ def _transfer_predictor(sae_prev: Any, sae_next: Any, W_eff: torch.Tensor) -> Pr
         return _sae_encode(sae_prev, h_prev) @ W + b
 
     return predict
-
-
-# ---------------------------------------------------------------------------------------
-# top-1 decoder cosine (Feature Flow)
-# ---------------------------------------------------------------------------------------
-def top1_cosine_perm(sae_a: Any, sae_b: Any, *, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    r"""Many-to-one top-1 decoder-cosine map A → B (Feature Flow, Laptev et al. 2025).
-
-    :math:`\pi(i) = \arg\max_j \cos(W^A_{dec}[i], W^B_{dec}[j])`, computed in row blocks.
-    Folding does not change it (rows are rescaled by :math:`\theta > 0`).
-
-    Returns
-    -------
-    perm : numpy.ndarray
-        ``(F_A,)`` int64 into B (never -1; repeats allowed).
-    cos : numpy.ndarray
-        ``(F_A,)`` float64, the best cosine.
-    """
-    A = torch.nn.functional.normalize(sae_a.W_dec.detach().float().cpu(), dim=1)
-    B = torch.nn.functional.normalize(sae_b.W_dec.detach().float().cpu(), dim=1)
-    perm = np.empty(A.shape[0], dtype=np.int64)
-    best = np.empty(A.shape[0], dtype=np.float64)
-    for i in range(0, A.shape[0], block):
-        v, j = (A[i : i + block] @ B.T).max(dim=1)
-        perm[i : i + block] = j.numpy()
-        best[i : i + block] = v.double().numpy()
-    return perm, best
-
-
-def top1_cosine_matching(sae_a: Any, sae_b: Any, *, block: int = 2048) -> Any:
-    """:func:`top1_cosine_perm` as a :class:`featmatch.matching.Matching` (cost = 1 − cos)."""
-    from featmatch.matching._matching import Matching
-
-    perm, cos = top1_cosine_perm(sae_a, sae_b, block=block)
-    return Matching(
-        perm=perm,
-        cost=1.0 - cos,
-        n_b=int(sae_b.cfg.d_sae),
-        meta={"method": "top1_cosine", "metric": "cosine", "many_to_one": True},
-    )
 
 
 # ---------------------------------------------------------------------------------------

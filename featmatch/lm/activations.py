@@ -62,7 +62,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -73,7 +72,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from featmatch._io import atomic_save, cache_dir
+from featmatch._hooks import block_index
+from featmatch._hooks import hook_name as resolve_hook_name
+from featmatch._io import atomic_save, cache_dir, tokens_sha256
 
 __all__ = [
     "ActivationStats",
@@ -90,8 +91,6 @@ FORMAT_VERSION = 1
 ALGORITHM_VERSION = 1
 
 _INT64_MAX = np.iinfo(np.int64).max
-_RESID_POST = "blocks.{layer}.hook_resid_post"
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _EMBED_HOOKS = {"hook_embed", "hook_pos_embed"}
 
 
@@ -426,20 +425,13 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def resolve_hook_name(sae: Any, layer: int) -> str:
-    """The hook point an SAE reads: ``sae.cfg.metadata.hook_name``, else ``blocks.{layer}.hook_resid_post``."""
-    meta = getattr(getattr(sae, "cfg", None), "metadata", None)
-    name = getattr(meta, "hook_name", None) if meta is not None else None
-    return str(name) if name else _RESID_POST.format(layer=layer)
-
-
 def _stop_layer(model: Any, hook_names: Iterable[str]) -> int | None:
     """``stop_at_layer`` for a forward that reaches every hook (None = full forward)."""
     stop = 0
     for name in hook_names:
-        m = _BLOCK_RE.match(name)
-        if m:
-            stop = max(stop, int(m.group(1)) + 1)
+        layer = block_index(name)
+        if layer is not None:
+            stop = max(stop, layer + 1)
         elif name not in _EMBED_HOOKS:
             return None  # ln_final, unembed, ...: needs the whole forward
     return min(stop, int(model.cfg.n_layers))
@@ -492,11 +484,6 @@ def _sae_fingerprint(sae: Any, hook_name: str) -> str:
     return h.hexdigest()
 
 
-def _tokens_hash(tokens: torch.Tensor) -> str:
-    arr = np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64))
-    return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()
-
-
 def cache_key(
     model: Any,
     saes: dict[int, Any],
@@ -529,7 +516,7 @@ def cache_key(
         "saes": {
             str(L): {"hook_name": hooks[L], "sha256": _sae_fingerprint(saes[L], hooks[L])} for L in layers
         },
-        "tokens_sha256": _tokens_hash(tokens),
+        "tokens_sha256": tokens_sha256(tokens),
         "tokens_shape": list(tokens.shape),
         "pairs": [list(p) for p in _normalise_pairs(pairs, layers)],
         "top_k": int(top_k),

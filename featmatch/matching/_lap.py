@@ -51,12 +51,28 @@ assignment uses every column once, so the optimum is unchanged) and :math:`C` ot
 candidate key is then a per-row monotone transform of the cost, so a single scalar
 :math:`\\ell_i` bounds every excluded pair of row i.
 
-Rounding. The core block and the prefix rechecks are separate float32 products; MKL may
-round an inner product there differently from the main pass in the last bits (at most
-:math:`\\gamma_D|a_i||b_j|`, in practice far less). The certificate is exact for the numbers
-used (core-block values for core pairs, main-pass values elsewhere); against
-:func:`featmatch.matching.pairwise_cost`'s numbers the result agrees to float32 rounding,
-which the benchmark measures (``rel. gap``).
+Rounding: which numbers are certified. Every cost the solver uses is
+:func:`featmatch.matching.pairwise_cost`'s float64 formula applied to a float32 inner
+product of the same two vectors, but the products come from separate BLAS calls: the main
+pass's row blocks (candidates, and the bounds :math:`\\ell_i` on the pairs it excludes), the
+dense core block, the prefix rechecks and the general loop's row rechecks. A BLAS picks its
+kernel, and so the rounding of a float32 sum, by the block's shape, the thread count and
+the instruction set, so these products, and ``pairwise_cost``'s own, may differ in the last
+bits: by at most :math:`2\\gamma_D\\|a_i\\|\\|b_j\\|` each
+(:func:`featmatch.matching._costs.rounding_bound` turns that into a bound
+:math:`\\delta_{ij}` on the costs). The candidate costs are therefore *not* float64-exact
+copies of ``pairwise_cost``'s numbers; they are the float64 costs of the main pass's own
+float32 products, bit-identical to ``pairwise_cost``'s only when both run the same kernel
+(e.g. the same row blocks, threads and CPU).
+
+The certificate does not depend on that agreement: it is exact for the cost matrix
+:math:`C'` of the numbers it used, one per pair (the core block's for core pairs, a
+recheck's for rechecked pairs, the main pass's elsewhere; each bound :math:`\\ell_i` is a
+rigorous bound on the main-pass numbers, including the float32 rounding of the selection
+key). So the result is optimal for :math:`C'` up to :math:`n\\tau`, and since
+:math:`|C' - C| \\le \\delta` entrywise, optimal for ``pairwise_cost``'s :math:`C` up to
+:math:`n\\tau + 2\\sum_i \\max_j \\delta_{ij}`. The returned pair costs are :math:`C'`'s;
+the benchmark measures the agreement with the dense optimum (``rel. gap``).
 
 Why the certificate proves optimality (LP duality). Let :math:`n = F_A \\le m = F_B` (the
 other case is solved transposed). The LAP is the linear program
@@ -94,12 +110,12 @@ matching, the duals are one shortest-path problem whose depth is small on SAE co
 (most features are settled by their row minimum), and its answer is exact in float64,
 unlike an auction/epsilon-scaling solver whose prices are only epsilon-optimal.
 
-Costs are exactly those of :func:`featmatch.matching.pairwise_cost`: float32 inner
+Costs use the arithmetic of :func:`featmatch.matching.pairwise_cost`: float32 inner
 products, float64 norms, :math:`C^{mse}_{ij} = (\\|a_i\\|^2 + \\|b_j\\|^2 - 2a_i\\cdot b_j)/D`
 clipped at 0, :math:`C^{cos}_{ij} = 1 - \\cos` clipped to [0, 2]. The main pass computes
-:math:`G` with the same blocked product (row blocks against the contiguous
-:math:`B^\\top`), so the candidate costs are the dense solver's numbers. The lower bounds
-:math:`\\ell_i` include the float32 rounding of the selection key, so they are rigorous.
+:math:`G` with the same layout (row blocks against the contiguous :math:`B^\\top`, 2048-row
+blocks up to 16k columns), so on one machine its products usually round as the dense
+path's do; where they do not, they differ by float32 rounding only (see *Rounding* above).
 
 References
 ----------
@@ -116,40 +132,28 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
-if TYPE_CHECKING:
-    from sae_lens import SAE
+from featmatch.matching._costs import METRICS, U32, Metric, assign, check_option, gamma, pairwise_cost
 
-    from featmatch.matching._matching import Matching
-    from featmatch.saes._sae import SAEWeights
+__all__ = ["sparse_match", "auto_solver", "SparseMatchInfo", "default_block_size"]
 
-__all__ = ["sparse_match", "match_stack", "auto_solver", "SparseMatchInfo", "default_block_size"]
-
-Metric = Literal["mse", "cosine"]
-
-_U32 = 2.0**-24  # unit roundoff of float32
-_U64 = 2.0**-53
 _BLOCK_BYTES = 128 * 2**20  # one float32 (block_size, F_B) buffer
 _WEAK_MAX_FRACTION = 0.02  # weak pairs moved up front: at most this share of the core's size (or 32)
 _LAPJV_MIN = 256  # square cores from this size go to lapjv (below it both solvers take ~1 ms)
 
 
-def _gamma(n: int, u: float = _U32) -> float:
-    """Higham's :math:`\\gamma_n = nu/(1-nu)`: bound on the relative error of an n-term dot product."""
-    return n * u / (1.0 - n * u)
-
-
 def default_block_size(n_cols: int, n_rows: int | None = None) -> int:
     """Rows per block so that one float32 ``(block, n_cols)`` buffer is about 128 MB.
 
-    A multiple of 64 between 64 and 2048 (2048 is :func:`pairwise_cost`'s default, so the
-    float32 products are bit-identical to the dense path's for widths up to 16k).
+    A multiple of 64 between 64 and 2048 (2048 is :func:`pairwise_cost`'s default: up to 16k
+    columns both run the same row blocks, so the same BLAS kernel and usually the same
+    rounding; no more than that is promised, see the module docstring's *Rounding*).
     """
     bs = _BLOCK_BYTES // (4 * max(int(n_cols), 1))
     bs = int(max(64, min(2048, (bs // 64) * 64)))
@@ -183,7 +187,8 @@ class SparseMatchInfo:
     fallback : str or None
         ``"dense"`` if the dense solver produced the result, else None.
     gap_bound : float
-        Certified bound on ``total_cost - optimum`` (:math:`n\\tau`); NaN if not certified.
+        Certified bound on ``total_cost - optimum`` (:math:`n\\tau`) for the numbers the
+        solver used (:math:`C'`, module docstring, *Rounding*); NaN if not certified.
     transposed : bool
         True when ``F_A > F_B`` and the problem was solved with B as rows.
     device : str
@@ -382,8 +387,15 @@ def _candidate_pass(
 ) -> tuple[torch.Tensor, torch.Tensor, _RowBounds]:
     r"""The k best columns of every row, their float64 costs, and bounds on all other columns.
 
-    Scores maximised (float32), from the product ``G = A_blk @ B^T`` laid out as in
-    pairwise_cost (so the candidate costs are the dense path's numbers):
+    The candidate costs are :func:`_costs_from_g` (pairwise_cost's float64 arithmetic) of
+    *this pass's* float32 products ``G = A_blk @ B^T`` (row blocks of ``block_size``
+    against the contiguous :math:`B^\top`, as in pairwise_cost). They equal pairwise_cost's
+    numbers when both products run the same BLAS kernel, and are within
+    :func:`~featmatch.matching._costs.rounding_bound` of them in any case. The bounds are
+    rigorous for this pass's numbers: every excluded pair's cost, computed from the same
+    ``G``, is at least :math:`A_i + \alpha_j - \sigma_i\beta_j`.
+
+    Scores maximised (float32):
 
     * square mse: :math:`G_{ij}` itself. Every full assignment uses every column once, so
       :math:`\\sum_i (|a_i|^2 + |b_{\\pi(i)}|^2)/D` is constant and the LAP only maximises
@@ -463,10 +475,10 @@ def _candidate_pass(
     if metric == "mse":
         # score = fl(G - fl(|b|^2/2)): error <= u|b|^2/2 + u(|G| + |b|^2/2) <= u(max|b|^2 + |a| max|b|)
         bmax = float(sb.norm.max())
-        slack = _U32 * (bmax**2 + nrm_a * bmax) * (1 + 1e-3) + 1e-12 * (sq_a + bmax**2)
+        slack = U32 * (bmax**2 + nrm_a * bmax) * (1 + 1e-3) + 1e-12 * (sq_a + bmax**2)
         A = np.maximum((sq_a - 2.0 * (sk + slack)) / dim, 0.0)
     else:
-        slack = 3.01 * _U32 * nrm_a + 1e-12
+        slack = 3.01 * U32 * nrm_a + 1e-12
         safe = np.where(nrm_a > 0, nrm_a, 1.0)
         A = np.where(nrm_a > 0, np.clip(1.0 - (sk + slack) / safe, 0.0, 2.0), 1.0)
     return cols_out, costs, _RowBounds(A, np.zeros(n), zeros_m, zeros_m)
@@ -986,24 +998,13 @@ def _core_budget(core_max_entries: float | None) -> float:
     """Largest dense core (entries) the fast path may build: ~10% of available RAM in float64."""
     if core_max_entries is not None:
         return float(core_max_entries)
-    try:
-        import psutil
-
-        avail = float(psutil.virtual_memory().available)
-    except Exception:  # pragma: no cover
-        avail = 4e9
-    return max(1e6, 0.1 * avail / 8.0)
+    return max(1e6, 0.1 * float(psutil.virtual_memory().available) / 8.0)
 
 
 def _dense_fits(n: int, m: int, limit_bytes: float | None) -> bool:
     need = 8.0 * n * m * 1.5
     if limit_bytes is None:
-        try:
-            import psutil
-
-            limit_bytes = 0.5 * psutil.virtual_memory().available
-        except Exception:  # pragma: no cover - psutil is a test dependency
-            limit_bytes = 4e9
+        limit_bytes = 0.5 * psutil.virtual_memory().available
     return need <= limit_bytes
 
 
@@ -1034,7 +1035,9 @@ def sparse_match(
         C^{mse}_{ij} = \\frac{\\|a_i\\|^2 + \\|b_j\\|^2 - 2 a_i\\cdot b_j}{D},\\quad
         C^{cos}_{ij} = 1 - \\frac{a_i\\cdot b_j}{\\|a_i\\|\\|b_j\\|},
 
-    with the costs of :func:`featmatch.matching.pairwise_cost`, without ever holding the
+    with the costs of :func:`featmatch.matching.pairwise_cost` (its arithmetic on float32
+    products computed here, so equal to its numbers up to the rounding of those products,
+    :func:`featmatch.matching._costs.rounding_bound`), without ever holding the
     :math:`F_A\\times F_B` matrix: top-k candidates per row from one blocked product, a
     sparse exact assignment (LAPJVsp), duals :math:`(u, v)` by shortest paths, and a check
     that every excluded pair has reduced cost :math:`C_{ij} - u_i - v_j \\ge -\\tau`, which by
@@ -1086,7 +1089,7 @@ def sparse_match(
         Column of B assigned to each row of A; -1 for the ``F_A - F_B`` rows left over when
         ``F_A > F_B``.
     pair_cost : (F_A,) np.ndarray of float64
-        ``C[i, perm[i]]``, NaN where ``perm[i] == -1``.
+        ``C'[i, perm[i]]``, the certified numbers (see above); NaN where ``perm[i] == -1``.
     info : SparseMatchInfo
         Only with ``return_info=True``.
 
@@ -1105,8 +1108,7 @@ def sparse_match(
     True
     """
     t_start = time.perf_counter()
-    if metric not in ("mse", "cosine"):
-        raise ValueError(f"metric must be 'mse' or 'cosine'; got {metric!r}")
+    check_option("metric", metric, METRICS)
     if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[1] != x_b.shape[1]:
         raise ValueError(
             f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
@@ -1189,7 +1191,7 @@ def _sparse_match_sides(
     tau = tol * scale
     eps_dual = 1e-15 * scale
     extra = max(kk, 16)
-    gam = _gamma(ra.dim)
+    gam = gamma(ra.dim)
     match_col = np.zeros(n, dtype=np.int64)
     certified = False
     # ---- fast path: fixed mutual-best pairs, dense exact core, price-ordered certificate ----
@@ -1282,7 +1284,9 @@ def _sparse_match_sides(
             q = rows_np.size
             rows_t = torch.from_numpy(rows_np)
             cost_full, g_full = _full_rows(ra, cb, rows_t, metric)
-            # rigorous lower bound: this small product may round differently from the main pass
+            # a margin for this product rounding differently from the main pass (by up to
+            # 2 gamma_D |a||b| per product); the certificate itself only needs bounds on the
+            # numbers it uses (C' of the module docstring), so this is slack, not a requirement
             if metric == "mse":
                 err = (
                     2 * gam * ra.norm[rows_t][:, None] * cb.norm[None, :]
@@ -1360,8 +1364,6 @@ def _sparse_match_sides(
         info.gap_bound = float(n * tau)
     elif dense_fallback and _dense_fits(n, m, dense_max_bytes):
         t = time.perf_counter()
-        from featmatch.matching._matching import assign, pairwise_cost
-
         full = pairwise_cost(ra.x, cb.x, metric=metric, block_size=bs)
         perm_r, cost_r = assign(full)
         del full
@@ -1396,152 +1398,6 @@ def _sparse_match_sides(
     return perm_a, cost_a, info
 
 
-# --------------------------------------------------------------------------------------
-# Stacks
-# --------------------------------------------------------------------------------------
-
-
-def match_stack(
-    saes: Iterable[SAE | SAEWeights],
-    *,
-    progress: bool = True,
-    **match_kwargs: Any,
-) -> list[Matching]:
-    """Match every adjacent pair of a stack of SAEs: layer t to layer t+1, for all t.
-
-    Equivalent to ``[match(saes[t], saes[t + 1], **match_kwargs) for t in ...]``, but with
-    the sparse solver each SAE's feature vectors, squared norms and transposed copy are
-    computed once and reused, first as the columns (B) of pair t-1 and then as the rows (A)
-    of pair t. The stack is consumed lazily: an iterator or generator works, and only two
-    SAEs are held at a time (so a 26-layer 16k stack does not need 26 SAEs in memory).
-
-    Parameters
-    ----------
-    saes : iterable of sae_lens.SAE or SAEWeights
-        At least two SAEs on hidden states of the same width, in layer order.
-    progress : bool
-        Show a tqdm progress bar over the pairs.
-    **match_kwargs
-        As :func:`featmatch.matching.match`: ``on``, ``metric``, ``fold``,
-        ``include_b_enc``, ``solver`` ("auto"/"dense"/"sparse"), ``unmatched_above``,
-        ``unmatched_quantile``, ``block_size``, and for the sparse solver ``k``, ``device``,
-        ``max_rounds``.
-
-    Returns
-    -------
-    list of Matching
-        ``len(saes) - 1`` matchings, ``matchings[t]`` from layer t to layer t+1. With the
-        sparse solver, ``meta["solver_info"]`` holds :meth:`SparseMatchInfo.as_dict`.
-
-    Raises
-    ------
-    ValueError
-        Fewer than two SAEs, a ``d_in`` mismatch, or bad options.
-    TypeError
-        Unknown options.
-    """
-    from tqdm.auto import tqdm
-
-    from featmatch.matching._matching import Matching, _mark_unmatched, feature_vectors, match
-    from featmatch.saes._sae import check_same_d_in, weights
-
-    opts = dict(match_kwargs)
-    on = opts.pop("on", "both")
-    metric = opts.pop("metric", "mse")
-    fold = opts.pop("fold", True)
-    include_b_enc = opts.pop("include_b_enc", False)
-    solver = opts.pop("solver", "auto")
-    unmatched_above = opts.pop("unmatched_above", None)
-    unmatched_quantile = opts.pop("unmatched_quantile", None)
-    block_size = opts.pop("block_size", None)
-    k = opts.pop("k", 16)
-    device = opts.pop("device", None)
-    max_rounds = opts.pop("max_rounds", 8)
-    if opts:
-        raise TypeError(f"match_stack got unexpected options: {', '.join(sorted(opts))}")
-    if solver not in ("auto", "dense", "sparse"):
-        raise ValueError(f"solver must be one of 'auto', 'dense', 'sparse'; got {solver!r}")
-    if unmatched_above is not None and unmatched_quantile is not None:
-        raise ValueError("give at most one of unmatched_above and unmatched_quantile")
-    total = len(saes) - 1 if hasattr(saes, "__len__") else None  # type: ignore[arg-type]
-    it = iter(saes)
-    try:
-        w_prev = weights(next(it))
-    except StopIteration:
-        raise ValueError("match_stack needs at least two SAEs, got 0") from None
-    dev = _resolve_device(device)
-
-    def side(w: SAEWeights) -> _Side:
-        return _Side(feature_vectors(w, on=on, fold=fold, include_b_enc=include_b_enc), dev)
-
-    out: list[Matching] = []
-    bar = tqdm(total=total, desc="match_stack", disable=not progress, unit="pair")
-    prev: _Side | None = None
-    for sae in it:
-        t0 = time.perf_counter()
-        w = weights(sae)
-        check_same_d_in(w_prev, w)
-        use_sparse = solver == "sparse" or (
-            solver == "auto" and auto_solver(w_prev.d_sae, w.d_sae) == "sparse"
-        )
-        if not use_sparse:
-            kw: dict[str, Any] = {"block_size": block_size} if block_size is not None else {}
-            out.append(
-                match(
-                    w_prev,
-                    w,
-                    on=on,
-                    metric=metric,
-                    fold=fold,
-                    include_b_enc=include_b_enc,
-                    solver="dense",
-                    unmatched_above=unmatched_above,
-                    unmatched_quantile=unmatched_quantile,
-                    **kw,
-                )
-            )
-            prev = None
-        else:
-            if prev is None:
-                prev = side(w_prev)
-            nxt = side(w)
-            perm, cost, info = _sparse_match_sides(
-                prev, nxt, metric, int(k), block_size, int(max_rounds), 1e-12, True, None, t0
-            )
-            threshold = _mark_unmatched(perm, cost, unmatched_above, unmatched_quantile)
-            meta = {
-                "method": "sae_match",
-                "on": on,
-                "metric": metric,
-                "fold": bool(fold),
-                "include_b_enc": bool(include_b_enc),
-                "solver": "sparse",
-                "unmatched_above": None if unmatched_above is None else float(unmatched_above),
-                "unmatched_quantile": None if unmatched_quantile is None else float(unmatched_quantile),
-                "unmatched_threshold": threshold,
-                "n_a": w_prev.d_sae,
-                "n_b": w.d_sae,
-                "d_in": w_prev.d_in,
-                "hook_a": w_prev.hook_name,
-                "hook_b": w.hook_name,
-                "architecture_a": w_prev.architecture,
-                "architecture_b": w.architecture,
-                "folded_a": bool(fold and w_prev.threshold is not None),
-                "folded_b": bool(fold and w.threshold is not None),
-                "seconds": round(time.perf_counter() - t0, 4),
-                "solver_info": info.as_dict(),
-            }
-            out.append(Matching(perm=perm, cost=cost, n_b=w.d_sae, meta=meta))
-            prev.release()
-            prev = nxt
-        w_prev = w
-        bar.update(1)
-    bar.close()
-    if not out:
-        raise ValueError("match_stack needs at least two SAEs, got 1")
-    return out
-
-
 #: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (4096^2): from
 #: 4,096 features on, the sparse solver was measured many times faster than the dense one on
 #: planted SAE pairs (docs/benchmarks.md: ~25x at 4,096 x 512, and the dense matrix grows
@@ -1566,10 +1422,5 @@ def auto_solver(n_a: int, n_b: int, available_bytes: float | None = None) -> str
     if cells > AUTO_SPARSE_ABOVE:
         return "sparse"
     if available_bytes is None:
-        try:
-            import psutil
-
-            available_bytes = float(psutil.virtual_memory().available)
-        except Exception:  # pragma: no cover - psutil is a dependency of the tests
-            available_bytes = 4e9
+        available_bytes = float(psutil.virtual_memory().available)
     return "sparse" if 8.0 * cells > AUTO_DENSE_RAM_SHARE * available_bytes else "dense"

@@ -51,12 +51,24 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featmatch._io import _json_default, atomic_write_bytes, atomic_write_json, sha256_file
+from featmatch.matching import _lap
+from featmatch.matching._costs import (
+    METRICS,
+    ONS,
+    SOLVERS,
+    Metric,
+    On,
+    Solver,
+    assign,
+    check_option,
+    cost_matrix,
+    feature_vectors,
+)
 from featmatch.saes._sae import SAEWeights, check_same_d_in, weights
 
 if TYPE_CHECKING:
@@ -66,221 +78,17 @@ if TYPE_CHECKING:
 __all__ = [
     "Matching",
     "MatchingFileError",
-    "feature_vectors",
-    "pairwise_cost",
-    "cost_matrix",
-    "assign",
     "match",
     "compose",
     "paths",
 ]
 
-On = Literal["encoder", "decoder", "both"]
-Metric = Literal["mse", "cosine"]
-Solver = Literal["auto", "dense", "sparse"]
-
-_ONS = ("encoder", "decoder", "both")
-_METRICS = ("mse", "cosine")
-_SOLVERS = ("auto", "dense", "sparse")
 FORMAT = "featmatch.matching"
 FORMAT_VERSION = 1
 
 
 class MatchingFileError(ValueError):
     """A matching file is unreadable, corrupt, partial, or does not match its array file."""
-
-
-# --------------------------------------------------------------------------------------
-# Feature vectors and costs
-# --------------------------------------------------------------------------------------
-
-
-def _check_option(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-
-
-def feature_vectors(
-    sae: SAE | SAEWeights, on: On = "both", fold: bool = True, include_b_enc: bool = False
-) -> torch.Tensor:
-    """One parameter vector per feature, the rows compared by SAE Match.
-
-    .. math::
-
-        v_i = \\big[\\, W_{enc}[:, i]/\\theta_i \\ \\|\\ \\theta_i W_{dec}[i] \\ \\|\\
-              \\ b^{eff}_{enc,i}/\\theta_i \\,\\big]
-
-    with the parts selected by ``on`` and ``include_b_enc``; without folding (or for an SAE
-    without thresholds) :math:`\\theta_i = 1`.
-
-    Parameters
-    ----------
-    sae : sae_lens.SAE or SAEWeights
-    on : {"encoder", "decoder", "both"}
-        Encoder columns, decoder rows, or both concatenated (encoder first).
-    fold : bool
-        Apply threshold folding (Eq. 4) first. A no-op for SAEs without a threshold.
-    include_b_enc : bool
-        Append the effective encoder bias (one coordinate).
-
-    Returns
-    -------
-    (F, D) torch.Tensor, float32
-        D is ``d_in``, ``2 * d_in`` for ``"both"``, plus one with ``include_b_enc``.
-    """
-    _check_option("on", on, _ONS)
-    w = weights(sae)
-    # float32 throughout: one rounding per entry, and no float64 copy of a (F, d) matrix
-    theta = w.threshold if (fold and w.threshold is not None) else None
-    parts: list[torch.Tensor] = []
-    if on in ("encoder", "both"):
-        parts.append(w.W_enc.T / theta[:, None] if theta is not None else w.W_enc.T)
-    if on in ("decoder", "both"):
-        parts.append(w.W_dec * theta[:, None] if theta is not None else w.W_dec)
-    if include_b_enc:
-        b = w.b_enc_effective
-        parts.append((b / theta if theta is not None else b)[:, None])
-    return torch.cat(parts, dim=1).to(torch.float32).contiguous()
-
-
-def pairwise_cost(
-    x_a: torch.Tensor, x_b: torch.Tensor, metric: Metric = "mse", block_size: int = 2048
-) -> np.ndarray:
-    """Cost between every row of ``x_a`` and every row of ``x_b``, computed in row blocks.
-
-    .. math::
-
-        C^{mse}_{ij} = \\frac{\\|a_i\\|^2 + \\|b_j\\|^2 - 2\\, a_i\\!\\cdot b_j}{D},\\qquad
-        C^{cos}_{ij} = 1 - \\frac{a_i\\!\\cdot b_j}{\\|a_i\\|\\,\\|b_j\\|}
-
-    The inner products are float32 matrix products (one ``(block_size, F_B)`` block at a
-    time); squared norms and the combination are float64. Only the float64 output is
-    ``(F_A, F_B)``; no second matrix of that size is ever held.
-
-    Parameters
-    ----------
-    x_a : (F_A, D) torch.Tensor
-    x_b : (F_B, D) torch.Tensor
-    metric : {"mse", "cosine"}
-    block_size : int
-        Rows of ``x_a`` per block.
-
-    Returns
-    -------
-    (F_A, F_B) np.ndarray, float64
-        MSE costs are clipped at 0, cosine costs to [0, 2].
-    """
-    _check_option("metric", metric, _METRICS)
-    if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[1] != x_b.shape[1]:
-        raise ValueError(
-            f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
-        )
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    a32 = x_a.detach().to("cpu", torch.float32)
-    b32 = x_b.detach().to("cpu", torch.float32)
-    d = a32.shape[1]
-    na = (a32.double() ** 2).sum(1)
-    nb = (b32.double() ** 2).sum(1)
-    out = np.empty((a32.shape[0], b32.shape[0]), dtype=np.float64)
-    out_t = torch.from_numpy(out)
-    b32_t = b32.T.contiguous()
-    if metric == "cosine":
-        ra = na.sqrt()
-        rb = nb.sqrt()
-    for i0 in range(0, a32.shape[0], block_size):
-        i1 = min(i0 + block_size, a32.shape[0])
-        g = (a32[i0:i1] @ b32_t).double()
-        if metric == "mse":
-            g.mul_(-2.0).add_(na[i0:i1, None]).add_(nb[None, :]).div_(d).clamp_(min=0.0)
-        else:
-            denom = ra[i0:i1, None] * rb[None, :]
-            g = torch.where(
-                denom > 0, g / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(g)
-            )
-            g.neg_().add_(1.0).clamp_(0.0, 2.0)
-        out_t[i0:i1] = g
-        del g
-    return out
-
-
-def cost_matrix(
-    sae_a: SAE | SAEWeights,
-    sae_b: SAE | SAEWeights,
-    on: On = "both",
-    metric: Metric = "mse",
-    fold: bool = True,
-    include_b_enc: bool = False,
-    block_size: int = 2048,
-) -> np.ndarray:
-    """The SAE Match cost between every feature of SAE A and every feature of SAE B.
-
-    :math:`C_{ij}` compares :func:`feature_vectors` row *i* of A with row *j* of B (see
-    :func:`pairwise_cost` for the formulas).
-
-    Parameters
-    ----------
-    sae_a, sae_b : sae_lens.SAE or SAEWeights
-        Two SAEs on hidden states of the same width ``d_in``.
-    on, metric, fold, include_b_enc
-        As in :func:`match`.
-    block_size : int
-        Rows per block of the blocked computation.
-
-    Returns
-    -------
-    (F_A, F_B) np.ndarray, float64
-
-    Raises
-    ------
-    ValueError
-        On a ``d_in`` mismatch, bad weights (NaN/Inf, :math:`\\theta \\le 0`) or bad options.
-    """
-    _check_option("on", on, _ONS)
-    _check_option("metric", metric, _METRICS)
-    wa, wb = weights(sae_a), weights(sae_b)
-    check_same_d_in(wa, wb)
-    xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
-    xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
-    return pairwise_cost(xa, xb, metric=metric, block_size=block_size)
-
-
-def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact minimum-cost assignment of rows to columns (scipy ``linear_sum_assignment``).
-
-    .. math::
-
-        \\min_{\\pi\\ \\text{injective}} \\sum_{i} C_{i, \\pi(i)}
-
-    over the :math:`\\min(F_A, F_B)` rows that can be assigned (all rows when
-    :math:`F_A \\le F_B`).
-
-    Parameters
-    ----------
-    cost : (F_A, F_B) array-like
-        Finite costs.
-
-    Returns
-    -------
-    perm : (F_A,) np.ndarray of int64
-        Column assigned to each row, or -1.
-    pair_cost : (F_A,) np.ndarray of float64
-        ``cost[i, perm[i]]``, NaN where ``perm[i] == -1``.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
-    if not np.isfinite(cost.sum()) and not np.isfinite(cost).all():  # cheap check first, no (F_A, F_B) mask
-        raise ValueError(f"cost matrix contains {int((~np.isfinite(cost)).sum())} non-finite values")
-    perm = np.full(cost.shape[0], -1, dtype=np.int64)
-    pair_cost = np.full(cost.shape[0], np.nan, dtype=np.float64)
-    if cost.size:
-        rows, cols = linear_sum_assignment(cost)
-        perm[rows] = cols
-        pair_cost[rows] = cost[rows, cols]
-    return perm, pair_cost
 
 
 # --------------------------------------------------------------------------------------
@@ -521,6 +329,44 @@ class Matching:
 # --------------------------------------------------------------------------------------
 
 
+def check_match_options(
+    *,
+    on: Any = "both",
+    metric: Any = "mse",
+    solver: Any = "auto",
+    unmatched_above: Any = None,
+    unmatched_quantile: Any = None,
+    block_size: Any = None,
+    k: Any = None,
+    max_rounds: Any = None,
+) -> None:
+    """Validate the options of :func:`match` and :func:`featmatch.matching.match_stack`.
+
+    Both call this one function first, so a bad option is rejected by both, before any
+    work, with the same message. ``None`` means "not given" for the optional ones.
+
+    Raises
+    ------
+    ValueError
+        Naming the option: ``on``, ``metric`` or ``solver`` not one of the allowed values;
+        both ``unmatched_above`` and ``unmatched_quantile``; ``unmatched_quantile`` outside
+        [0, 1] (or NaN); ``unmatched_above`` not finite; ``block_size``, ``k`` or
+        ``max_rounds`` below 1.
+    """
+    check_option("on", on, ONS)
+    check_option("metric", metric, METRICS)
+    check_option("solver", solver, SOLVERS)
+    if unmatched_above is not None and unmatched_quantile is not None:
+        raise ValueError("give at most one of unmatched_above and unmatched_quantile")
+    if unmatched_quantile is not None and not (0.0 <= float(unmatched_quantile) <= 1.0):
+        raise ValueError(f"unmatched_quantile must lie in [0, 1], got {unmatched_quantile}")
+    if unmatched_above is not None and not np.isfinite(unmatched_above):
+        raise ValueError(f"unmatched_above must be finite, got {unmatched_above}")
+    for name, value in (("block_size", block_size), ("k", k), ("max_rounds", max_rounds)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def _mark_unmatched(
     perm: np.ndarray, cost: np.ndarray, unmatched_above: float | None, unmatched_quantile: float | None
 ) -> float | None:
@@ -540,6 +386,69 @@ def _mark_unmatched(
     return threshold
 
 
+def match_meta(
+    wa: SAEWeights,
+    wb: SAEWeights,
+    *,
+    on: str,
+    metric: str,
+    fold: bool,
+    include_b_enc: bool,
+    solver: str,
+    unmatched_above: float | None,
+    unmatched_quantile: float | None,
+    threshold: float | None,
+    seconds: float,
+    solver_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``meta`` of a SAE Match :class:`Matching` (one place for :func:`match` and ``match_stack``).
+
+    Parameters
+    ----------
+    wa, wb : SAEWeights
+        The two SAEs.
+    on, metric, fold, include_b_enc, unmatched_above, unmatched_quantile
+        The options used.
+    solver : str
+        The solver that ran (``"dense"`` or ``"sparse"``, never ``"auto"``).
+    threshold : float or None
+        The unmatched threshold actually applied.
+    seconds : float
+        Wall time.
+    solver_info : dict, optional
+        :meth:`SparseMatchInfo.as_dict`, stored under ``"solver_info"`` when given.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable.
+    """
+    meta: dict[str, Any] = {
+        "method": "sae_match",
+        "on": on,
+        "metric": metric,
+        "fold": bool(fold),
+        "include_b_enc": bool(include_b_enc),
+        "solver": solver,
+        "unmatched_above": None if unmatched_above is None else float(unmatched_above),
+        "unmatched_quantile": None if unmatched_quantile is None else float(unmatched_quantile),
+        "unmatched_threshold": threshold,
+        "n_a": wa.d_sae,
+        "n_b": wb.d_sae,
+        "d_in": wa.d_in,
+        "hook_a": wa.hook_name,
+        "hook_b": wb.hook_name,
+        "architecture_a": wa.architecture,
+        "architecture_b": wb.architecture,
+        "folded_a": bool(fold and wa.threshold is not None),
+        "folded_b": bool(fold and wb.threshold is not None),
+        "seconds": round(seconds, 4),
+    }
+    if solver_info is not None:
+        meta["solver_info"] = solver_info
+    return meta
+
+
 def match(
     sae_a: SAE | SAEWeights,
     sae_b: SAE | SAEWeights,
@@ -557,7 +466,7 @@ def match(
 ) -> Matching:
     """Match the features of SAE A to those of SAE B (SAE Match, Balagansky et al. 2025).
 
-    Solves the LAP of Eq. 3 exactly on the cost of :func:`cost_matrix`:
+    Solves the LAP of Eq. 3 exactly on the cost of :func:`featmatch.matching.cost_matrix`:
 
     .. math::
 
@@ -565,8 +474,9 @@ def match(
         C_{ij} = \\tfrac{1}{D}\\|v^A_i - v^B_j\\|^2 \\ \\text{(mse)}\\ \\text{ or }\\
                  1 - \\cos(v^A_i, v^B_j),
 
-    with :math:`v` the (folded, Eq. 4) feature vectors of :func:`feature_vectors`. Square
-    and rectangular pairs are supported; when :math:`F_A > F_B` the extra rows are -1.
+    with :math:`v` the (folded, Eq. 4) feature vectors of
+    :func:`featmatch.matching.feature_vectors`. Square and rectangular pairs are supported;
+    when :math:`F_A > F_B` the extra rows are -1.
 
     Parameters
     ----------
@@ -580,21 +490,22 @@ def match(
     include_b_enc : bool
         Also compare the (effective, folded) encoder bias.
     solver : {"auto", "dense", "sparse"}
-        ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"auto"`` is sparse
-        where it is measured faster, :math:`F_A F_B >` ``featmatch.matching.AUTO_SPARSE_ABOVE``
-        (4096², see ``docs/benchmarks.md``), or where the dense float64 matrix would take more
-        than 25% of the available RAM (``featmatch.matching.auto_solver``); else dense.
-        ``"sparse"`` calls ``featmatch.matching.sparse_match(x_a, x_b, metric=...)`` with the
-        (F, D) feature vectors, which must return ``(perm, pair_cost)`` arrays.
+        ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"sparse"``:
+        :func:`featmatch.matching.sparse_match` on the (F, D) feature vectors (exact, with an
+        optimality certificate, without the full matrix). ``"auto"`` is sparse where it is
+        measured faster, :math:`F_A F_B >` ``featmatch.matching._lap.AUTO_SPARSE_ABOVE`` (4096²,
+        see ``docs/benchmarks.md``), or where the dense float64 matrix would take more than
+        25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense.
     unmatched_above : float, optional
-        Mark assigned pairs with cost above this value as unmatched (-1).
+        Mark assigned pairs with cost above this value as unmatched (-1). Must be finite.
     unmatched_quantile : float in [0, 1], optional
         Mark assigned pairs with cost above this quantile of the assigned costs as
         unmatched (e.g. 0.9 drops the 10% worst). Exclusive with ``unmatched_above``.
     block_size : int
-        Rows per block of the cost computation.
+        Rows per block of the dense cost computation (the sparse solver sizes its own
+        blocks, :func:`featmatch.matching.default_block_size`).
     k, device : optional
-        Passed to the sparse solver (candidates per row; where the product runs).
+        Passed to the sparse solver (candidates per row, >= 1; where the product runs).
 
     Returns
     -------
@@ -605,34 +516,28 @@ def match(
     Raises
     ------
     ValueError
-        On a ``d_in`` mismatch, NaN/Inf weights, :math:`\\theta \\le 0`, or bad options.
-    NotImplementedError
-        For ``solver="sparse"`` when ``featmatch.matching`` is not available.
+        On a ``d_in`` mismatch, NaN/Inf weights, :math:`\\theta \\le 0`, or bad options
+        (:func:`check_match_options`).
 
     Examples
     --------
     >>> m = match(sae_a, sae_b)                                   # doctest: +SKIP
     >>> m.perm[:5], m.n_matched                                   # doctest: +SKIP
     """
-    _check_option("on", on, _ONS)
-    _check_option("metric", metric, _METRICS)
-    _check_option("solver", solver, _SOLVERS)
-    if unmatched_above is not None and unmatched_quantile is not None:
-        raise ValueError("give at most one of unmatched_above and unmatched_quantile")
-    if unmatched_quantile is not None and not (0.0 <= float(unmatched_quantile) <= 1.0):
-        raise ValueError(f"unmatched_quantile must lie in [0, 1], got {unmatched_quantile}")
-    if unmatched_above is not None and not np.isfinite(unmatched_above):
-        raise ValueError(f"unmatched_above must be finite, got {unmatched_above}")
+    check_match_options(
+        on=on,
+        metric=metric,
+        solver=solver,
+        unmatched_above=unmatched_above,
+        unmatched_quantile=unmatched_quantile,
+        block_size=block_size,
+        k=k,
+    )
     wa, wb = weights(sae_a), weights(sae_b)
     check_same_d_in(wa, wb)
 
     t0 = time.perf_counter()
-    if solver == "auto":
-        from featmatch.matching._lap import auto_solver
-
-        resolved = auto_solver(wa.d_sae, wb.d_sae)
-    else:
-        resolved = solver
+    resolved = _lap.auto_solver(wa.d_sae, wb.d_sae) if solver == "auto" else solver
     if resolved == "dense":
         cost = cost_matrix(
             wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size
@@ -640,42 +545,26 @@ def match(
         perm, pair_cost = assign(cost)
         del cost
     else:
-        try:
-            from featmatch.matching._lap import sparse_match
-        except ImportError as exc:
-            raise NotImplementedError(
-                "solver='sparse' needs featmatch.matching.sparse_match, which is not available yet; use solver='dense'"
-            ) from exc
         xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
         xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
         opts = {key: val for key, val in (("k", k), ("device", device)) if val is not None}
-        perm, pair_cost = sparse_match(xa, xb, metric=metric, **opts)
+        perm, pair_cost = _lap.sparse_match(xa, xb, metric=metric, **opts)
         perm = np.asarray(perm, dtype=np.int64).copy()
         pair_cost = np.asarray(pair_cost, dtype=np.float64).copy()
     threshold = _mark_unmatched(perm, pair_cost, unmatched_above, unmatched_quantile)
-    seconds = time.perf_counter() - t0
-
-    meta = {
-        "method": "sae_match",
-        "on": on,
-        "metric": metric,
-        "fold": bool(fold),
-        "include_b_enc": bool(include_b_enc),
-        "solver": resolved,
-        "unmatched_above": None if unmatched_above is None else float(unmatched_above),
-        "unmatched_quantile": None if unmatched_quantile is None else float(unmatched_quantile),
-        "unmatched_threshold": threshold,
-        "n_a": wa.d_sae,
-        "n_b": wb.d_sae,
-        "d_in": wa.d_in,
-        "hook_a": wa.hook_name,
-        "hook_b": wb.hook_name,
-        "architecture_a": wa.architecture,
-        "architecture_b": wb.architecture,
-        "folded_a": bool(fold and wa.threshold is not None),
-        "folded_b": bool(fold and wb.threshold is not None),
-        "seconds": round(seconds, 4),
-    }
+    meta = match_meta(
+        wa,
+        wb,
+        on=on,
+        metric=metric,
+        fold=fold,
+        include_b_enc=include_b_enc,
+        solver=resolved,
+        unmatched_above=unmatched_above,
+        unmatched_quantile=unmatched_quantile,
+        threshold=threshold,
+        seconds=time.perf_counter() - t0,
+    )
     return Matching(perm=perm, cost=pair_cost, n_b=wb.d_sae, meta=meta)
 
 

@@ -9,7 +9,7 @@ the weights (Balagansky et al. 2025, Eq. 4); :func:`load_sae` loads by folder,
 from featmatch.saes._sae import *  # noqa: F403
 from featmatch.saes._sae import __all__ as _sae_all
 
-__all__ = [*_sae_all, "zoo"]
+__all__ = [*_sae_all, "zoo"]  # noqa: F405 - zoo is loaded on demand by __getattr__
 
 
 def __getattr__(name: str):

@@ -285,20 +285,13 @@ def _hub_error_types() -> tuple[type[BaseException], ...]:
         for name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             if hasattr(hf_errors, name):
                 types.append(getattr(hf_errors, name))
-    except ImportError:  # pragma: no cover - huggingface_hub ships with sae-lens
+    except ImportError:  # pragma: no cover - huggingface_hub.errors is recent; older releases lack it
         pass
-    try:
-        import requests
+    # both are dependencies (pyproject.toml): the hub client raises either, by version
+    import httpx
+    import requests
 
-        types.append(requests.exceptions.ConnectionError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import httpx
-
-        types.append(httpx.ConnectError)
-    except ImportError:  # pragma: no cover
-        pass
+    types += [requests.exceptions.ConnectionError, httpx.ConnectError]
     return tuple(types)
 
 
@@ -323,14 +316,9 @@ def _from_pretrained(release: str, sae_id: str, device: str) -> SAE:
 
 
 def _from_zoo(release: str, sae_id: str, device: str) -> SAE:
-    try:
-        from featmatch.saes import zoo
-    except ImportError as exc:
-        raise ImportError(
-            f"cannot resolve zoo release {release!r}: featmatch.saes.zoo is not available ({exc})"
-        ) from exc
-    path = zoo.sae_path(release, sae_id)
-    return _from_disk(Path(path), device)
+    from featmatch.saes import zoo
+
+    return _from_disk(zoo.sae_path(release, sae_id), device)
 
 
 def _from_disk(path: Path, device: str) -> SAE:
@@ -431,7 +419,7 @@ class SAESet:
     Attributes
     ----------
     name : str
-        Registry name (the key in ``featmatch/sae_sets.yaml``).
+        Registry name (the key in ``featmatch/saes/sae_sets.yaml``).
     model : str
         featmatch model name (see ``featmatch.lm.models``).
     release : str
@@ -481,17 +469,10 @@ class SAESet:
 
 
 def _zoo_layers(name: str, profile: str, variant: str, n_layers: int) -> tuple[int, ...]:
-    """Layers a zoo profile trains, from ``featmatch.saes.zoo`` (which reads ``zoo_profiles.yaml``).
+    """Layers a zoo profile trains, from ``featmatch.saes.zoo`` (which reads ``zoo_profiles.yaml``)."""
+    from featmatch.saes import zoo
 
-    Falls back to every layer of the model when ``featmatch.saes.zoo`` cannot be imported (the
-    loader then reports any layer the zoo does not have).
-    """
-    try:
-        from featmatch.saes import zoo
-
-        prof = zoo.get_profile(profile)
-    except (ImportError, AttributeError):
-        return tuple(range(n_layers))
+    prof = zoo.get_profile(profile)
     layers = prof.layers_for(n_layers) if variant == "main" else prof.l0b_layers_for(n_layers)
     if not layers:
         raise ValueError(f"SAE set {name!r}: zoo profile {profile!r} has no {variant} layers")
@@ -542,7 +523,7 @@ def sae_sets() -> list[str]:
 
 
 def sae_set(name: str) -> SAESet:
-    """Look up an SAE set by name (data in ``featmatch/sae_sets.yaml``).
+    """Look up an SAE set by name (data in ``featmatch/saes/sae_sets.yaml``).
 
     Raises
     ------

@@ -48,8 +48,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from featmatch.lm import corpus
 from featmatch._io import atomic_save, atomic_write_json, cache_dir, sha256_file
+from featmatch.lm import corpus
 
 __all__ = [
     "ZooProfile",
@@ -438,14 +438,65 @@ def quality_table(profile: str | ZooProfile):
 # --------------------------------------------------------------------------- activations
 
 
+#: Seconds between two refreshes of a bar written to a log (not a terminal).
+LOG_BAR_INTERVAL = 30.0
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
+
+
+def _progress_mode(progress: bool, stdout: Any = None, stderr: Any = None) -> str:
+    """How a zoo build shows progress: ``"off"``, ``"terminal"`` or ``"log"``.
+
+    ``"terminal"`` (``progress`` and both ``stdout`` and ``stderr`` are terminals) shows
+    every bar, sae-lens's per-SAE "Training SAE" and "Estimating norm scaling factor"
+    included. ``"log"`` (``progress``, output redirected to a file, a pipe or a notebook)
+    shows one bar per long job (each gathering pass, the loop over SAEs), refreshed at
+    most every :data:`LOG_BAR_INTERVAL` seconds, and silences sae-lens's inner bars,
+    which would otherwise add two bars per SAE to the log.
+
+    Parameters
+    ----------
+    progress : bool
+        The caller's ``progress`` flag.
+    stdout, stderr : file-like, optional
+        Default ``sys.stdout`` and ``sys.stderr`` (tqdm writes to the latter).
+
+    Returns
+    -------
+    str
+    """
+    import sys
+
+    if not progress:
+        return "off"
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    return "terminal" if _is_terminal(out) and _is_terminal(err) else "log"
+
+
+def _bar_kwargs(mode: str) -> dict[str, Any]:
+    """tqdm keyword arguments of featmatch's own bars in progress ``mode``."""
+    if mode == "off":
+        return {"disable": True}
+    if mode == "log":
+        return {"mininterval": LOG_BAR_INTERVAL}
+    return {}
+
+
 @contextlib.contextmanager
-def _quiet_tqdm(progress: bool) -> Iterator[None]:
-    """Silence the tqdm bars of sae-lens's trainer and scaler unless ``progress``.
+def _quiet_tqdm(quiet: bool) -> Iterator[None]:
+    """Silence the tqdm bars of sae-lens's trainer and scaler while ``quiet``.
 
     tqdm reads ``TQDM_*`` environment overrides only at import time, so the bar factory
     of those modules is swapped for one with ``disable=True`` and restored afterwards.
     """
-    if progress:
+    if not quiet:
         yield
         return
     import functools
@@ -470,14 +521,16 @@ def _gather(
     hook: str,
     batch_size: int,
     storage: Path | None,
-    progress: bool,
+    progress: bool | str,
     desc: str,
 ) -> torch.Tensor:
     """One forward pass over ``tokens`` gathering the hook of every layer, position 0 dropped.
 
     Returns a float16 tensor ``(len(layers), n_seq * (seq_len - 1), d_model)``, in memory or
-    backed by a memmap file at ``storage``.
+    backed by a memmap file at ``storage``. ``progress`` is a flag or a mode of
+    :func:`_progress_mode`.
     """
+    mode = progress if isinstance(progress, str) else _progress_mode(progress)
     n_seq, seq_len = tokens.shape
     d = int(model.cfg.d_model)
     n = n_seq * (seq_len - 1)
@@ -499,7 +552,7 @@ def _gather(
     stop_at = max(layers) + 1
     fwd_hooks = [(name, save) for name in names]
     with torch.inference_mode():
-        for start in tqdm(range(0, n_seq, batch_size), desc=desc, disable=not progress, unit="batch"):
+        for start in tqdm(range(0, n_seq, batch_size), desc=desc, unit="batch", **_bar_kwargs(mode)):
             batch = tokens[start : start + batch_size]
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at)
             state["row"] += batch.shape[0] * (seq_len - 1)
@@ -692,17 +745,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _unknown_model(prof: ZooProfile, exc: Exception) -> ValueError:
+    return ValueError(
+        f"zoo profile {prof.name!r} names model {prof.model!r}, which featmatch.lm.models cannot load: {exc}"
+    )
+
+
 def _load_model(prof: ZooProfile) -> Any:
-    try:
-        from featmatch.lm import models
-    except ImportError as exc:  # pragma: no cover - the models module ships with featmatch
-        raise RuntimeError("featmatch.lm.models is not available; pass model=... to build_zoo") from exc
+    from featmatch.lm import models
+
     try:
         return models.load_model(prof.model)
     except (KeyError, ValueError) as exc:
-        raise ValueError(
-            f"zoo profile {prof.name!r} names model {prof.model!r}, which featmatch.lm.models cannot load: {exc}"
-        ) from exc
+        raise _unknown_model(prof, exc) from exc
+
+
+def _model_shape(source: ZooProfile | Any) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of a loaded model, or of a profile's model from the registry."""
+    if not isinstance(source, ZooProfile):
+        return int(source.cfg.n_layers), int(source.cfg.d_model)
+    from featmatch.lm import models
+
+    try:
+        spec = models.get_spec(source.model)
+    except (KeyError, ValueError) as exc:
+        raise _unknown_model(source, exc) from exc
+    return int(spec.n_layers), int(spec.d_model)
 
 
 def _sae_seed(prof: ZooProfile, variant: str, layer: int) -> int:
@@ -725,7 +793,10 @@ def _build_zoo_unlocked(
     force : bool, default False
         Retrain every SAE even when a verified one exists.
     progress : bool, default True
-        Show tqdm progress bars (gathering, layers and sae-lens's training bar).
+        Show tqdm progress bars. On a terminal: the gathering passes, the loop over SAEs
+        and sae-lens's bars inside each SAE's training; otherwise (a log, a pipe, a
+        notebook) only the first two, refreshed every :data:`LOG_BAR_INTERVAL` seconds
+        (see :func:`_progress_mode`).
     model : HookedTransformer, optional
         The model; defaults to ``featmatch.lm.models.load_model(profile.model)``.
     tokenizer : optional
@@ -743,13 +814,9 @@ def _build_zoo_unlocked(
     """
     t_start = time.perf_counter()
     prof = get_profile(profile)
-    if model is None:
-        model = _load_model(prof)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer; pass tokenizer=... to build_zoo")
-    n_layers = int(model.cfg.n_layers)
-    d_model = int(model.cfg.d_model)
+    mode = _progress_mode(progress)
+    # the model's shape comes from the registry, so a zoo that verifies needs no weights
+    n_layers, d_model = _model_shape(model if model is not None else prof)
     tasks = [("main", layer) for layer in prof.layers_for(n_layers)]
     tasks += [("l0b", layer) for layer in prof.l0b_layers_for(n_layers)]
 
@@ -809,6 +876,16 @@ def _build_zoo_unlocked(
         pending.append((variant, layer))
 
     if pending:
+        if model is None:
+            model = _load_model(prof)
+            if _model_shape(model) != (n_layers, d_model):
+                raise ValueError(
+                    f"zoo profile {prof.name!r}: model {prof.model!r} has (n_layers, d_model) = "
+                    f"{_model_shape(model)} but the model registry says {(n_layers, d_model)}"
+                )
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer; pass tokenizer=... to build_zoo")
         atomic_write_json(man_file, man)
         layers = sorted({layer for _, layer in pending})
         t0 = time.perf_counter()
@@ -829,7 +906,7 @@ def _build_zoo_unlocked(
                 prof.hook,
                 prof.forward_batch_size,
                 storage,
-                progress,
+                mode,
                 "gathering train activations",
             )
             x_eval = _gather(
@@ -839,21 +916,21 @@ def _build_zoo_unlocked(
                 prof.hook,
                 prof.forward_batch_size,
                 None,
-                progress,
+                mode,
                 "gathering eval activations",
             )
             man["timings"]["gather_seconds"] = time.perf_counter() - t0
             man["timings"]["gather_tokens"] = int(train_tokens.numel() + eval_tokens.numel())
             man["timings"]["gather_layers"] = len(layers)
             row = {layer: i for i, layer in enumerate(layers)}
-            bar = tqdm(pending, desc=f"zoo {prof.name}", disable=not progress, unit="sae")
+            bar = tqdm(pending, desc=f"zoo {prof.name}", unit="sae", **_bar_kwargs(mode))
             for variant, layer in bar:
                 bar.set_postfix_str(f"{variant} L{layer}")
                 xl, xe = x_train[row[layer]], x_eval[row[layer]]
                 keep = _keep_mask(xl, prof.outlier_factor)
                 keep_eval = _keep_mask(xe, prof.outlier_factor)
                 t0 = time.perf_counter()
-                with _quiet_tqdm(progress):
+                with _quiet_tqdm(mode != "terminal"):
                     sae = _train_sae(prof, variant, layer, xl, keep, d_model, _sae_seed(prof, variant, layer))
                 train_s = time.perf_counter() - t0
                 n_floored = _floor_thresholds(sae)

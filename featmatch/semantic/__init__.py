@@ -7,4 +7,4 @@ hidden states mapped into a shared reference space; features of two layers are c
 """
 
 from featmatch.semantic._semantic import *  # noqa: F403
-from featmatch.semantic._semantic import __all__
+from featmatch.semantic._semantic import __all__ as __all__

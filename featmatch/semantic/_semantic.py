@@ -86,8 +86,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from featmatch._io import atomic_save, check_finite, tokens_sha256
 from featmatch.semantic import _ot
-from featmatch._io import atomic_save, check_finite
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -119,13 +119,6 @@ def _sha(*parts: bytes | str) -> str:
         h.update(part.encode("utf-8") if isinstance(part, str) else part)
         h.update(b"\x00")
     return h.hexdigest()
-
-
-def _tokens_sha(tokens: Any) -> str:
-    arr = np.ascontiguousarray(
-        np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens), dtype=np.int64
-    )
-    return _sha(str(arr.shape), arr.tobytes())
 
 
 # --------------------------------------------------------------------------------------
@@ -396,7 +389,7 @@ def reference_coordinates(
         raise RuntimeError(f"hook {hook!r} did not fire once per batch")
     hidden = torch.cat(chunks, 0)
     model_name = getattr(model.cfg, "model_name", "model")
-    tsha = _tokens_sha(tokens)
+    tsha = tokens_sha256(tokens, terminated=True)
     name = f"{model_name}|{space}|{hook}|pca={pca_k}|tokens={tsha[:12]}"
     return ReferenceSpace.from_hidden(hidden, name=name, pca_k=pca_k, hook_name=hook, tokens_sha=tsha)
 
@@ -639,7 +632,11 @@ class FeatureDistributions:
     ) -> FeatureDistributions:
         """Build from ``ActivationStats.samples[layer]`` (checks the token batch matches ``ref``)."""
         tokens = getattr(stats, "tokens", None)
-        if tokens is not None and ref.tokens_sha is not None and _tokens_sha(tokens) != ref.tokens_sha:
+        if (
+            tokens is not None
+            and ref.tokens_sha is not None
+            and tokens_sha256(tokens, terminated=True) != ref.tokens_sha
+        ):
             raise ValueError(
                 f"the activation stats were gathered on other tokens than reference space {ref.space_id!r}"
             )
@@ -1145,22 +1142,6 @@ def semantic_match(
     return _matching_cls()(perm=perm, cost=cost, n_b=int(b.n_features), meta=meta)
 
 
-def _decoder_rows(sae: Any) -> torch.Tensor:
-    if isinstance(sae, torch.Tensor):
-        w = sae
-    elif isinstance(sae, np.ndarray):
-        w = torch.as_tensor(sae)
-    elif hasattr(sae, "W_dec"):
-        w = sae.W_dec
-    else:
-        raise TypeError(f"expected an SAE, SAEWeights or a (F, d) decoder matrix, got {type(sae).__name__}")
-    w = torch.as_tensor(w).detach().float().cpu()
-    if w.ndim != 2:
-        raise ValueError(f"decoder must be (F, d), got shape {tuple(w.shape)}")
-    check_finite("W_dec", w)
-    return w
-
-
 def decoder_cosine_match(sae_a: Any, sae_b: Any, *, block: int = 2048) -> Matching:
     r"""Feature Flow baseline [5]_: top-1 decoder cosine, many-to-one allowed.
 
@@ -1171,7 +1152,9 @@ def decoder_cosine_match(sae_a: Any, sae_b: Any, *, block: int = 2048) -> Matchi
         \mathrm{cost}_i = 1 - \cos(\cdot).
 
     Decoder rows are compared directly: the cosine is invariant to the positive per-feature
-    scaling of folding (Eq. 4 of [6]_), so folding does not change this match.
+    scaling of folding (Eq. 4 of [6]_), so folding does not change this match. The one
+    implementation is :func:`featmatch.matching.baselines.top1_cosine_matching`; this name
+    keeps the semantic chapter's ``meta`` (``method="decoder_cosine"``).
 
     Parameters
     ----------
@@ -1184,21 +1167,10 @@ def decoder_cosine_match(sae_a: Any, sae_b: Any, *, block: int = 2048) -> Matchi
     -------
     featmatch.matching.Matching
     """
-    wa, wb = _decoder_rows(sae_a), _decoder_rows(sae_b)
-    if wa.shape[1] != wb.shape[1]:
-        raise ValueError(f"decoders have different widths d: {wa.shape[1]} vs {wb.shape[1]}")
-    na = wa / wa.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    nb = wb / wb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    perm = np.empty(wa.shape[0], dtype=np.int64)
-    cost = np.empty(wa.shape[0], dtype=np.float64)
-    with torch.no_grad():
-        for start in range(0, wa.shape[0], block):
-            sims = na[start : start + block] @ nb.T
-            best, arg = sims.max(dim=1)
-            perm[start : start + block] = arg.numpy()
-            cost[start : start + block] = 1.0 - best.double().numpy()
+    from featmatch.matching.baselines import top1_cosine_matching
+
     meta = {"method": "decoder_cosine", "mode": "top1", "many_to_one": True}
-    return _matching_cls()(perm=perm, cost=cost, n_b=int(wb.shape[0]), meta=meta)
+    return top1_cosine_matching(sae_a, sae_b, block=block, meta=meta)
 
 
 def sae_match(sae_a: Any, sae_b: Any, **kwargs: Any) -> Matching:

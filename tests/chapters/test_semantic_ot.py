@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from featmatch.chapters import semantic_ot as R
+from featmatch.evaluation.metrics import matching_score
 from featmatch.matching import Matching
 from featmatch.semantic import FeatureDistributions, pair_distances, reference_coordinates
 
+from ._real_parts import planted_pair, planted_stats, smollm2_tokenizer
+
 SEQ_LEN = 12
-
-
-def _m(perm, n_b=None):
-    perm = np.asarray(perm, dtype=np.int64)
-    return Matching(perm=perm, cost=np.zeros(len(perm)), n_b=n_b or int(perm.max()) + 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -86,32 +80,72 @@ def test_reference_spaces_one_pass_equals_reference_coordinates():
         R.reference_spaces(model, tokens[0], specs)
 
 
+def test_resolve_pairs_and_comparison_pair():
+    assert R.resolve_pairs(None, range(30)) == [(14, 15), (14, 29), (0, 29)]
+    assert R.resolve_pairs([[2, 4], (np.int64(4), 6)], range(30)) == [(2, 4), (4, 6)]
+    assert all(type(x) is int for p in R.resolve_pairs([[np.int64(2), 4]], []) for x in p)
+    assert R.comparison_pair([(14, 15), (14, 29), (0, 29)]) == (14, 29)
+    assert R.comparison_pair([(3, 7)]) == (3, 7)
+    with pytest.raises(ValueError):
+        R.comparison_pair([])
+
+
+def test_comparison_spaces_label_the_default_first():
+    specs = R.comparison_spaces("layer:mid", 16, 30)
+    assert list(specs.values()) == [("layer:mid", 16), ("layer:mid", None), ("final", 16), ("embed", 16)]
+    first = next(iter(specs))
+    assert first == "layer:mid (blocks.15.hook_resid_post), PCA 16"
+    assert "final (blocks.29.hook_resid_post), PCA 16" in specs
+    raw = R.comparison_spaces("layer:2", None, 4)  # without PCA the default is the "no PCA" space
+    assert list(raw) == [
+        "layer:2 (blocks.2.hook_resid_post), no PCA",
+        "final (blocks.3.hook_resid_post), no PCA",
+        "embed (hook_embed), no PCA",
+    ]
+
+
 # --------------------------------------------------------------------------------------
-# scores, judge tables, paper layout
+# distributions, matchings and scores on real statistics of a planted pair
+# (SAE B = SAE A with its features permuted, both reading the same hook: see _real_parts)
 # --------------------------------------------------------------------------------------
 
 
-def _fake_stats():
-    """Two layers of 3 features over 10 positions, with exact co-activation sums."""
-    rng = np.random.default_rng(0)
-    fa = (rng.random((10, 3)) < 0.5) * rng.random((10, 3))
-    fa[:, 2] = 0.0  # feature 2 of A never fires
-    fb = np.concatenate([fa[:, [1, 0]], rng.random((10, 1))], 1)  # B0 = A1, B1 = A0
-    pos = lambda f: (f > 0).astype(float)  # noqa: E731
-    return SimpleNamespace(
-        n_tokens=10,
-        fire_count={0: (fa > 0).sum(0), 1: (fb > 0).sum(0)},
-        act_sum={0: fa.sum(0), 1: fb.sum(0)},
-        act_sq_sum={0: (fa**2).sum(0), 1: (fb**2).sum(0)},
-        coact={(0, 1): pos(fa).T @ pos(fb)},
-        prod_sum={(0, 1): fa.T @ fb},
-    )
+@pytest.fixture(scope="module")
+def planted():
+    model, tokens, saes, perm = planted_pair()
+    stats = planted_stats()
+    spaces = R.reference_spaces(model, tokens, R.comparison_spaces("layer:1", 4, int(model.cfg.n_layers)))
+    return model, tokens, saes, perm, stats, spaces
 
 
-def test_score_table_perfect_matching_scores_one():
-    stats = _fake_stats()
-    right, wrong = _m([1, 0, 2], 3), _m([0, 1, -1], 3)
-    t = R.score_table(stats, {(0, 1): {"right": right, "wrong": wrong}})
+def test_distributions_and_all_four_matchings_recover_the_planted_permutation(planted):
+    _, _, saes, perm, stats, spaces = planted
+    ref = next(iter(spaces.values()))
+    dists = R.feature_distributions(stats, ref, (1, 2), n=8)
+    summary = R.distribution_summary(dists).set_index("layer")
+    fires = {L: np.asarray(stats.fire_count[L]) for L in (1, 2)}
+    for L in (1, 2):
+        assert summary.loc[L, "features"] == len(perm)
+        assert summary.loc[L, "never fire (excluded)"] == int((fires[L] == 0).sum())
+        assert summary.loc[L, "with samples"] == int((fires[L] > 0).sum())
+        assert 0 < summary.loc[L, "mean samples per feature"] <= 8
+    assert summary.loc[1, "never fire (excluded)"] >= 1  # the planted dead feature
+    ms = R.pair_matchings(dists[1], dists[2], saes[1], saes[2], "exact", None)
+    assert list(ms) == list(R.METHODS)
+    fired = np.flatnonzero(fires[1] > 0)
+    for method, m in ms.items():
+        np.testing.assert_array_equal(np.asarray(m.perm)[fired], perm[fired], err_msg=method)
+    assert ms["Semantic OT"].is_injective and ms["SAE Match"].is_injective
+
+
+def test_method_scores_on_the_planted_pair(planted):
+    _, _, _, perm, stats, _ = planted
+    fired = np.asarray(stats.fire_count[1]) > 0
+    right = Matching(perm=perm.copy(), cost=np.zeros(len(perm)), n_b=len(perm))
+    wrong_perm = np.roll(perm, 1)
+    wrong_perm[0] = -1  # feature 0 of A unmatched by "wrong"
+    wrong = Matching(perm=wrong_perm, cost=np.zeros(len(perm)), n_b=len(perm))
+    t = R.method_scores(stats, {(1, 2): {"right": right, "wrong": wrong}})
     assert list(t.columns) == [
         "layer_a",
         "layer_b",
@@ -126,37 +160,112 @@ def test_score_table_perfect_matching_scores_one():
     r = t.set_index("method")
     assert r.loc["right", "matching_score"] == pytest.approx(1.0)
     assert r.loc["right", "correlation"] == pytest.approx(1.0)
-    assert r.loc["right", "n_scored"] == 2  # feature 2 never fires
-    assert r.loc["wrong", "n_matched"] == 2 and r.loc["wrong", "correlation"] < 1
-    assert (t.pair == "0→1").all()
-    # by default both methods are scored on the features every method matches (0 and 1)
-    assert (t.n_scored == 2).all()
-    alone = R.score_table(stats, {(0, 1): {"right": right, "none": _m([-1, 0, -1], 3)}}).set_index("method")
-    assert alone.loc["right", "n_scored"] == 1 and alone.loc["right", "matching_score"] == pytest.approx(1.0)
-    own = R.score_table(stats, {(0, 1): {"right": right, "none": _m([-1, 0, -1], 3)}}, common=False)
-    assert own.set_index("method").loc["right", "n_scored"] == 2
+    assert r.loc["wrong", "matching_score"] < 0.9 and r.loc["wrong", "correlation"] < 0.9
+    # both scored on the features both match (all but 0) that fire
+    common = int(fired[1:].sum())
+    assert (t.n_scored == common).all()
+    assert r.loc["right", "n_matched"] == len(perm) and r.loc["wrong", "n_matched"] == len(perm) - 1
+    assert (t.pair == "1→2").all() and bool(r.loc["right", "one_to_one"])
+    own = R.method_scores(stats, {(1, 2): {"right": right, "wrong": wrong}}, common=False).set_index("method")
+    assert own.loc["right", "n_scored"] == int(fired.sum())
+    wide = R.method_scores_wide(t)
+    assert list(wide.index) == ["1→2"]
+    assert wide[("matching_score", "right")].iloc[0] == pytest.approx(1.0)
+    assert set(wide.columns.get_level_values(0)) == {"matching_score", "correlation"}
 
 
-def test_judge_features_same_for_all_methods_and_seeded():
-    stats = SimpleNamespace(fire_count={0: np.array([10, 10, 1, 10, 10, 10])})
-    ms = {"a": _m([0, 1, 2, -1, 4, 5], 6), "b": _m([1, 1, 1, 1, 1, 1], 6)}
-    feats = R.judge_features(stats, 0, ms, n=10, min_fires=4)
-    np.testing.assert_array_equal(feats, [0, 1, 4, 5])  # 2 is rare, 3 unmatched by "a"
-    f1 = R.judge_features(stats, 0, ms, n=2, seed=3)
-    np.testing.assert_array_equal(f1, R.judge_features(stats, 0, ms, n=2, seed=3))
-    assert len(f1) == 2 and set(f1) <= {0, 1, 4, 5} and list(f1) == sorted(f1)
+def test_reference_space_table_on_the_planted_pair(planted):
+    _, _, _, perm, stats, spaces = planted
+    default = next(iter(spaces))
+    right = Matching(perm=perm.copy(), cost=np.zeros(len(perm)), n_b=len(perm))
+    scores = pd.DataFrame(
+        [
+            ("1→2", "Feature Flow", 0.5),
+            ("1→2", "SAE Match", 0.7),
+            ("1→2", "Semantic OT", 0.9),
+            ("0→2", "SAE Match", 2.0),
+        ],
+        columns=["pair", "method", "matching_score"],
+    )
+    table, best = R.reference_space_table(
+        stats, stats, spaces, default, (1, 2), right, scores, n_samples=8, method="exact", candidates=None
+    )
+    assert best == pytest.approx(0.7)  # the best baseline of this pair only
+    assert list(table.space) == list(spaces)
+    assert list(table.k) == [s.k for s in spaces.values()]
+    # identical distributions in every space: Semantic OT finds the planted partners everywhere
+    assert np.allclose(table.matching_score, 1.0) and np.allclose(table.agreement_with_default, 1.0)
+    assert table.beats_best_baseline.all()
+    worse = R.reference_space_table(
+        stats,
+        stats,
+        {default: spaces[default]},
+        default,
+        (1, 2),
+        Matching(perm=np.roll(perm, 1), cost=np.zeros(len(perm)), n_b=len(perm)),
+        scores,
+        n_samples=8,
+        method="exact",
+        candidates=None,
+    )[0]
+    assert worse.matching_score.iloc[0] < 0.7 and not worse.beats_best_baseline.iloc[0]
 
 
-def test_judge_pairs_and_judge_table():
-    class Texts:
-        def explain_many(self, keys):
-            return {(la, f): f"L{la}F{f}" for la, f in keys}
+def test_judge_sample_and_proxy_judge_on_real_contexts(planted):
+    from featmatch.judging.explanations import ContextExplanations
+    from featmatch.judging.judges import ProxyJudge
 
-    ms = {"x": _m([1, 0, 2], 3), "y": _m([2, 2, 2], 3)}
-    pairs = R.judge_pairs(Texts(), 3, 7, ms, [0, 2])
-    assert list(pairs.method) == ["x", "x", "y", "y"]
-    assert list(pairs.text_b) == ["L7F1", "L7F2", "L7F2", "L7F2"]
-    verdicts = pairs.assign(label=pd.array([3, 1, 2, None], dtype="Int64"), judge="proxy:test")
+    _, _, _, perm, stats, _ = planted
+    texts = ContextExplanations(stats, smollm2_tokenizer())
+    right = Matching(perm=perm.copy(), cost=np.zeros(len(perm)), n_b=len(perm))
+    shifted = Matching(perm=np.roll(perm, 5), cost=np.zeros(len(perm)), n_b=len(perm))
+    ms = {(1, 2): {"right": right, "shifted": shifted}}
+    pairs = R.judge_sample(texts, stats, ms, n=6, seed=0)
+    feats = R.judge_features(stats, 1, ms[(1, 2)], 6, seed=0)
+    assert len(feats) == 6 and list(pairs.method) == ["right"] * 6 + ["shifted"] * 6
+    assert list(pairs.feature_a[:6]) == list(feats) == list(pairs.feature_a[6:])
+    assert list(pairs.feature_b[:6]) == list(perm[feats])
+    # B's planted partner fires where A's feature fires: the same contexts, the same text
+    assert (pairs.text_a[:6].to_numpy() == pairs.text_b[:6].to_numpy()).all()
+    assert (pairs.text_a[6:].to_numpy() != pairs.text_b[6:].to_numpy()).all()
+    judge = ProxyJudge(variant="examples")
+    verdicts = judge.score_many(pairs, progress=False)
+    jt = R.judge_table(verdicts).set_index("method")
+    assert (
+        jt.loc["right", "judge_mean"] == 3.0 and jt.loc["right", "SAME"] == jt.loc["right", "n_judged"] == 6
+    )
+    # the tiny model's contexts are short runs of random tokens, so the proxy's labels hardly
+    # separate wrong partners; its similarity still does
+    sim = judge.similarity(list(pairs.text_a), list(pairs.text_b))
+    assert np.allclose(sim[:6], 1.0, atol=1e-5) and (sim[6:] < 0.999).all()
+    assert jt.loc["right", "pair"] == "1→2" and jt.loc["right", "judge"].startswith("proxy")
+
+
+def test_judge_features_same_for_all_methods_and_seeded(planted):
+    stats = planted[4]
+    fires = np.asarray(stats.fire_count[1])
+    n = len(fires)
+    ms = {
+        "a": Matching(perm=np.where(np.arange(n) % 3 == 0, -1, 0), cost=np.zeros(n), n_b=n),
+        "b": Matching(perm=np.zeros(n, dtype=np.int64), cost=np.zeros(n), n_b=n),
+    }
+    every = R.judge_features(stats, 1, ms, n=100, min_fires=50)
+    np.testing.assert_array_equal(every, np.flatnonzero((fires >= 50) & (np.arange(n) % 3 != 0)))
+    f1 = R.judge_features(stats, 1, ms, n=2, seed=3, min_fires=50)
+    np.testing.assert_array_equal(f1, R.judge_features(stats, 1, ms, n=2, seed=3, min_fires=50))
+    assert len(f1) == 2 and set(f1) <= set(every) and list(f1) == sorted(f1)
+
+
+def test_judge_table_means_and_counts():
+    verdicts = pd.DataFrame(
+        {
+            "method": ["x", "x", "y", "y"],
+            "layer_a": 3,
+            "layer_b": 7,
+            "label": pd.array([3, 1, 2, None], dtype="Int64"),
+            "judge": "proxy:test",
+        }
+    )
     jt = R.judge_table(verdicts).set_index("method")
     assert jt.loc["x", "judge_mean"] == pytest.approx(2.0)
     assert jt.loc["x", "judge_se"] == pytest.approx(np.std([3, 1], ddof=1) / np.sqrt(2))
@@ -176,7 +285,7 @@ def test_paper_layout_puts_our_row_beside_each_analogue():
         columns=["layer_a", "layer_b", "method", "judge_mean"],
     )
     t = R.paper_layout(ours, "SmolLM2", layers, source="ours (proxy)")
-    assert len(t) == 9
+    assert len(t) == len(R.PAPER_JUDGE) + 3
     assert list(t.kind) == ["adjacent"] * 3 + ["mid→last"] * 3 + ["first→last"] * 3
     assert list(t.source[:3]) == ["paper (LLM judge)", "paper (LLM judge)", "ours (proxy)"]
     ours_adj = t[(t.model == "SmolLM2") & (t.kind == "adjacent")].iloc[0]
@@ -185,10 +294,13 @@ def test_paper_layout_puts_our_row_beside_each_analogue():
         and ours_adj["Semantic OT"] == 2.0
         and ours_adj["SAE Match"] == pytest.approx(1.8)
     )
-    gpt = t[(t.model == "GPT-2 small") & (t.pair == "5→6")].iloc[0]
-    assert (gpt["Semantic OT"], gpt["Feature Flow"], gpt["SAE Match"]) == (2.53, 2.46, 2.25)
-    gem = t[(t.model == "Gemma-2-2B") & (t.pair == "0→25")].iloc[0]
-    assert (gem["Semantic OT"], gem["Feature Flow"], gem["SAE Match"]) == (1.83, 1.23, 1.21)
+    # every paper row is carried over unchanged, under the pair's kind
+    for r in R.PAPER_JUDGE.itertuples():
+        row = t[(t.model == r.model) & (t.pair == f"{r.layer_a}→{r.layer_b}")]
+        assert len(row) == 1 and row.kind.iloc[0] == r.kind
+        assert tuple(row[list(R.PAPER_METHODS)].iloc[0]) == tuple(
+            R.PAPER_JUDGE.loc[r.Index, list(R.PAPER_METHODS)]
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -196,57 +308,117 @@ def test_paper_layout_puts_our_row_beside_each_analogue():
 # --------------------------------------------------------------------------------------
 
 
-def test_beats_and_verdicts():
-    t = pd.DataFrame(
-        [
-            ("p1", "Semantic OT", 0.9),
-            ("p1", "Feature Flow", 0.5),
-            ("p1", "SAE Match", 0.4),
-            ("p2", "Semantic OT", 0.5),
-            ("p2", "Feature Flow", 0.6),
-            ("p2", "SAE Match", 0.4),
-            ("p3", "Semantic OT", np.nan),
-            ("p3", "Feature Flow", 0.1),
-            ("p3", "SAE Match", 0.1),
-        ],
+def _by_pair(values):
+    """Long table ``pair, method, v`` from ``{pair: (Semantic OT, Feature Flow, SAE Match)}``."""
+    return pd.DataFrame(
+        [(p, m, v) for p, vs in values.items() for m, v in zip(R.PAPER_METHODS, vs, strict=True)],
         columns=["pair", "method", "v"],
     )
+
+
+def test_beats():
+    t = _by_pair({"p1": (0.9, 0.5, 0.4), "p2": (0.5, 0.6, 0.4), "p3": (np.nan, 0.1, 0.1)})
     w = R.beats(t, "v")
     assert list(w.index) == ["p1", "p2", "p3"] and list(w) == [True, False, False]
     assert not R.beats(t, "v", margin=0.5).any()
-    assert R.wins_verdict(w) == "mixed"
-    assert R.wins_verdict([True, True]) == "held"
-    assert R.wins_verdict([False]) == "failed"
-    assert R.wins_verdict([]) == "not tested"
-    assert R.threshold_verdict([0.96, 0.99], 0.95) == "held"
-    assert R.threshold_verdict([0.96, np.nan], 0.95) == "mixed"
-    assert R.threshold_verdict([0.5], 0.95) == "failed"
+    assert not R.beats(_by_pair({"p": (1.0, 1.0, 0.0)}), "v").any()  # a tie does not beat
 
 
-def test_beats_ties_do_not_count():
-    t = pd.DataFrame(
-        [("p", "Semantic OT", 1.0), ("p", "Feature Flow", 1.0), ("p", "SAE Match", 0.0)],
-        columns=["pair", "method", "v"],
+def test_semantic_ot_claims_verdicts_from_the_numbers():
+    judged = _by_pair({"1→2": (2.5, 2.0, 1.5), "1→3": (2.0, 2.1, 1.0)}).rename(columns={"v": "judge_mean"})
+    scores = _by_pair({"1→2": (0.9, 0.5, 0.4), "1→3": (0.8, 0.6, 0.7)}).rename(
+        columns={"v": "matching_score"}
     )
-    assert R.wins_verdict(R.beats(t, "v")) == "failed"
-
-
-def test_disagreements_ranked_both_ways():
-    scores = {
-        "first": np.array([0.9, 0.2, 0.5, 0.7, np.nan]),
-        "second": np.array([0.1, 0.8, 0.5, 0.6, 0.3]),
-    }
-    m1, m2 = _m([0, 1, 2, 3, 4], 6), _m([5, 4, 3, 3, 1], 6)
-    stats = SimpleNamespace(
-        fire_count={0: np.array([10, 10, 10, 2, 10])},
-        pair_score=lambda la, lb, perm: scores["first"] if perm[0] == 0 else scores["second"],
+    scores["correlation"] = [0.1, 0.5, 0.4, 0.2, 0.6, 0.7]
+    goal = R.SPEARMAN_GOAL
+    approx = pd.DataFrame(
+        {
+            "method": ["sliced", "sliced", "sinkhorn", "sinkhorn"],
+            "params": ["L=64", "L=256", "reg=0.05", "reg=0.01"],
+            "spearman": [goal, goal + 0.01, goal - 0.01, np.nan],
+            "rel_error_median": [0.5, 0.4, 0.01, 0.02],
+            "scaled_rel_error_median": [0.1, 0.1, np.nan, np.nan],
+        }
     )
-    d = R.disagreements(stats, 0, 1, m1, m2, n=2)
-    # feature 2: tie; 3: same partner and rare; 4: NaN score
-    assert list(d.feature_a) == [0, 1]
-    assert list(d.winner) == ["first", "second"]
-    assert d.gap.iloc[0] == pytest.approx(0.8) and d.gap.iloc[1] == pytest.approx(-0.6)
-    assert list(d.b_first) == [0, 1] and list(d.b_second) == [5, 4]
+    space_table = pd.DataFrame(
+        {"space": ["a", "b"], "matching_score": [0.9, 0.6], "beats_best_baseline": [True, False]}
+    )
+    claims = R.semantic_ot_claims(judged, scores, approx, space_table, 0.7, "proxy:x", (1, 3))
+    verdicts = [c.verdict for c in claims]
+    assert verdicts == ["mixed", "held", "failed", "held", "failed", "mixed"]
+    assert claims[0].ours.startswith(
+        "proxy:x: 1→2: Semantic OT 2.50, Feature Flow 2.00, SAE Match 1.50; 1→3:"
+    )
+    assert claims[1].ours == R.by_pair_text(scores, "matching_score")
+    assert f"Spearman ≥ {goal:.2f}" in claims[3].claim and "L=256: ρ=0.960" in claims[3].ours
+    assert claims[5].ours == "a: 0.90; b: 0.60 (best baseline 0.70)" and "(1→3)" in claims[5].claim
+    assert all(c.source for c in claims)
+
+
+def test_win_summary_counts_pairs():
+    judged = _by_pair({"1→2": (2.5, 2.0, 1.5), "1→3": (2.0, 2.1, 1.0)}).rename(columns={"v": "judge_mean"})
+    scores = _by_pair({"1→2": (0.9, 0.5, 0.4), "1→3": (0.8, 0.6, 0.7)}).rename(
+        columns={"v": "matching_score"}
+    )
+    scores["correlation"] = 0.0
+    lines = R.win_summary(judged, scores, "proxy:x")
+    assert lines == [
+        "judge (proxy:x): Semantic OT beats both baselines on 1 of 2 pairs (1→2)",
+        "matching score: Semantic OT beats both baselines on 2 of 2 pairs (1→2, 1→3)",
+        "correlation: Semantic OT beats both baselines on 0 of 2 pairs",
+    ]
+
+
+def test_disagreements_ranked_both_ways_on_real_statistics(planted):
+    _, _, _, perm, stats, _ = planted
+    n = len(perm)
+    fires = np.asarray(stats.fire_count[1])
+    wrong = np.roll(perm, 3)
+    half = np.arange(n) < n // 2
+    first = Matching(perm=np.where(half, perm, wrong), cost=np.zeros(n), n_b=n)  # right on the first half
+    second = Matching(perm=np.where(half, wrong, perm), cost=np.zeros(n), n_b=n)  # right on the second
+    d = R.disagreements(stats, 1, 2, first, second, n=2, min_fires=4)
+    s1 = matching_score(stats, 1, 2, first).per_feature
+    s2 = matching_score(stats, 1, 2, second).per_feature
+    assert list(d.winner) == ["first", "first", "second", "second"]
+    assert set(d.feature_a[:2]) <= set(np.flatnonzero(half)) and set(d.feature_a[2:]) <= set(
+        np.flatnonzero(~half)
+    )
+    np.testing.assert_allclose(d.gap, s1[d.feature_a] - s2[d.feature_a])
+    assert d.gap.iloc[0] >= d.gap.iloc[1] > 0 > d.gap.iloc[3] >= d.gap.iloc[2]
+    eligible = (fires >= 4) & np.isfinite(s1) & np.isfinite(s2)
+    assert d.gap.iloc[0] == pytest.approx(np.max((s1 - s2)[eligible]))
+    assert (d.fires.to_numpy() == fires[d.feature_a]).all()
+    assert list(d.b_first) == list(first.perm[d.feature_a]) and list(d.b_second) == list(
+        second.perm[d.feature_a]
+    )
+    # nothing to show when the two agree
+    assert R.disagreements(stats, 1, 2, first, first).empty
+
+
+def test_disagreement_report_shows_both_directions_with_contexts(planted):
+    from featmatch.judging.explanations import ContextExplanations
+
+    _, _, _, perm, stats, _ = planted
+    n = len(perm)
+    wrong = np.roll(perm, 3)
+    half = np.arange(n) < n // 2
+    first = Matching(perm=np.where(half, perm, wrong), cost=np.zeros(n), n_b=n)
+    second = Matching(perm=np.where(half, wrong, perm), cost=np.zeros(n), n_b=n)
+    texts = ContextExplanations(stats, smollm2_tokenizer())
+    report = R.disagreement_report(stats, texts, (1, 2), first, second, names=("Ours", "Theirs"), n=1)
+    lines = report.split("\n")
+    assert lines[0] == f"1→2: Ours and Theirs choose different partners for {n} of {n} features"
+    d = R.disagreements(stats, 1, 2, first, second, n=1)
+    heads = [ln for ln in lines if ln.startswith("=== ")]
+    assert heads == [
+        f"=== layer 1 feature {r.feature_a} ({r.fires} firings; better partner: {who}) ==="
+        for r, who in zip(d.itertuples(), ("Ours", "Theirs"), strict=True)
+    ]
+    r = d.iloc[0]
+    assert f"  Ours → layer 2 feature {r.b_first} (matching score {r.score_first:.2f})" in lines
+    for ctx in texts.examples(1, int(r.feature_a)):
+        assert f"   A    {ctx}" in lines
 
 
 # --------------------------------------------------------------------------------------
@@ -268,38 +440,3 @@ def test_approximation_sample_matches_pair_distances(rng):
     np.testing.assert_allclose(s.exact, pair_distances(a, b, pairs, "exact"))
     np.testing.assert_allclose(s.sl, pair_distances(a, b, pairs, "sliced", n_projections=32))
     assert len(R.approximation_sample(a, b, {}, n_pairs=1000)) == 36  # capped at all pairs
-
-
-def test_plots_draw_labelled_axes(rng):
-    scores = pd.DataFrame(
-        [("0→1", m, v) for m, v in zip(R.METHODS, (0.5, 0.4, 0.3, 0.6), strict=True)],
-        columns=["pair", "method", "matching_score"],
-    )
-    fig, axes = plt.subplots(2, 2)
-    ax = R.plot_method_scores(axes[0, 0], scores, "matching_score", "score", "T1")
-    assert ax.get_title() == "T1" and ax.get_xlabel() and ax.get_ylabel() == "score"
-    assert len(ax.patches) == 4
-    jt = pd.DataFrame(
-        {"pair": ["0→1"], "method": ["x"], "n_judged": [4], "DIFFERENT": [1], "MAYBE": [1], "SAME": [2]}
-    )
-    ax = R.plot_judge_labels(axes[0, 1], jt, "proxy")
-    assert "proxy" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
-    widths = sorted(p.get_width() for p in ax.patches)
-    assert widths == pytest.approx([0.25, 0.25, 0.5])
-    sample = pd.DataFrame({"exact": rng.random(20) + 1})
-    sample["approx"] = sample.exact / 3
-    ax = R.plot_approximation(axes[1, 0], sample, "approx", rho=1.0)
-    assert "Spearman 1.000" in ax.get_title() and "exact / 3" in ax.get_legend().get_texts()[0].get_text()
-    t = pd.DataFrame({"space": ["a", "b"], "v": [0.1, 0.2]})
-    ax = R.plot_reference_spaces(axes[1, 1], t, "v", "value", "T4")
-    assert ax.get_title() == "T4" and ax.get_ylabel() == "reference space" and len(ax.patches) == 2
-    plt.close(fig)
-
-
-def test_paper_table_constant_matches_papers_md():
-    t = R.PAPER_JUDGE.set_index(["model", "layer_a", "layer_b"])
-    assert tuple(t.loc[("GPT-2 small", 5, 11)][list(R.PAPER_METHODS)]) == (1.56, 1.49, 1.49)
-    assert tuple(t.loc[("GPT-2 small", 0, 11)][list(R.PAPER_METHODS)]) == (1.39, 1.34, 1.27)
-    assert tuple(t.loc[("Gemma-2-2B", 12, 25)][list(R.PAPER_METHODS)]) == (1.83, 1.26, 1.26)
-    assert tuple(t.loc[("Gemma-2-2B", 12, 13)][list(R.PAPER_METHODS)]) == (2.32, 1.51, 1.41)
-    assert torch is not None  # the module imports torch-based helpers

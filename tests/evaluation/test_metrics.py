@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from _builders import tiny_model, tiny_tokens
-from _planted import planted_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featmatch.evaluation import metrics
 from featmatch.matching import Matching
+from featmatch.synthetic import planted_pair
 
 
 # ---------------------------------------------------------------------------------------

@@ -138,7 +138,11 @@ def test_neuronpedia_api_offline_is_clear(tmp_path):
 
 
 class FakeTokenizer:
-    """Token id i decodes to the word vocab[i] with a leading space."""
+    """Token id i decodes to the word vocab[i] with a leading space.
+
+    Kept (with ``fake_stats``): the expected snippets below are written out by hand, which
+    needs a vocabulary and top activations chosen for the test, not SmolLM2's.
+    """
 
     vocab = ["<bos>", "the", "cat", "sat", "on", "mat", "Paris", "London", "flew", "to", "\n"]
 
@@ -199,6 +203,7 @@ def test_matched_pairs(export_folder):
 
 
 def test_neuronpedia_api_against_loopback(tmp_path):
+    # a local stand-in for neuronpedia.org, which the tests must not reach (offline, no key)
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

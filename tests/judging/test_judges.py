@@ -52,7 +52,12 @@ def _completion(content: str) -> dict:
 
 
 class FakeOpenAI:
-    """A chat-completions server on 127.0.0.1 with a queue of canned (status, body) replies."""
+    """A chat-completions server on 127.0.0.1 with a queue of canned (status, body) replies.
+
+    Kept: the tests run offline without an API key, and canned replies are the only way to
+    drive the retries (429, 500), the key rejection (401) and malformed answers. The client
+    side (the ``openai`` package, HTTP, the cache) is real.
+    """
 
     def __init__(self) -> None:
         self.replies: list[tuple[int, dict]] = []

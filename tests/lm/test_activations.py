@@ -1,4 +1,10 @@
-"""featmatch.lm.activations: every streamed statistic against a brute-force computation."""
+"""featmatch.lm.activations: every streamed statistic against a brute-force computation.
+
+The model and SAEs are tiny random ones (``_builders``), on purpose: the brute force
+materialises every activation, and hand-set thresholds keep firing rates in a range where
+the exact comparisons are not vacuous (``test_firing_rates_are_not_degenerate``). The real
+SmolLM2 and tiny zoo go through the same ``gather`` in tests/chapters/test_setup.py.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,12 @@ from featmatch.lm import corpus
 
 
 class ByteTokenizer:
-    """A tokenizer-agnostic stand-in: one token per byte, no special tokens added."""
+    """One token per byte, no special tokens added.
+
+    Kept beside the real SmolLM2 tokenizer (``test_token_batches_with_the_real_tokenizer``)
+    because the corpus must not depend on a tokenizer's vocabulary, and it counts tokens
+    exactly (the checks on ``add_special_tokens`` and the BOS/EOS fallback need it).
+    """
 
     bos_token_id = 0
     eos_token_id = 1
@@ -64,6 +69,19 @@ def test_token_batches_shape_bos_and_determinism():
     assert not torch.equal(a, c)
     assert (a[:, 0] == tok.bos_token_id).all()
     assert (a[:, 1:] != tok.bos_token_id).all(), "BOS appears only in column 0"
+
+
+def test_token_batches_with_the_real_tokenizer():
+    from featmatch.lm.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    a = corpus.token_batches(tok, 1000, seq_len=32, source="mixed", split="eval", seed=0)
+    assert a.shape == (32, 32) and torch.equal(a, corpus.token_batches(tok, 1000, 32, "mixed", "eval", 0))
+    assert (a[:, 0] == tok.bos_token_id).all() and not (a[:, 1:] == tok.bos_token_id).any()
+    assert int(a.max()) < tok.vocab_size and int(a.min()) >= 0
+    # real subword tokens: far fewer tokens than bytes, and the text round-trips
+    text = tok.decode(a[0, 1:].tolist())
+    assert len(text) > 2 * 31 and "\ufffd" not in text[1:-1]
 
 
 def test_eval_and_train_tokens_differ():

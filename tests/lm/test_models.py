@@ -70,7 +70,12 @@ def tiny_spec():
 
 @pytest.fixture
 def fake_conversion(monkeypatch, tiny_spec, smollm2_tokenizer):
-    """Replace the GGUF dequantisation by the tiny LLaMA; count the conversions."""
+    """Replace the GGUF dequantisation by the tiny LLaMA; count the conversions.
+
+    A fake on purpose: the cache tests convert two or three times, and the real
+    dequantisation of SmolLM2 costs 20-45 s each; the real one is covered once by
+    ``test_smollm2_logits_match_transformers``.
+    """
     hf = _tiny_hf_llama()
     calls = []
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from _builders import jumprelu_sae, standard_sae
-from _planted import planted_chain, planted_pair, planted_scale_families, recovery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
@@ -19,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from featmatch.matching import (
     Matching,
     MatchingFileError,
+    _lap,
     assign,
     compose,
     cost_matrix,
@@ -28,6 +26,7 @@ from featmatch.matching import (
     paths,
 )
 from featmatch.saes import fold
+from featmatch.synthetic import planted_chain, planted_pair, planted_scale_families, recovery
 
 
 def _naive_vectors(sae, on: str, folded: bool, b_enc: bool) -> np.ndarray:
@@ -367,26 +366,20 @@ def test_bad_inputs_raise_clear_value_errors():
         match(a, a, unmatched_quantile=1.5)
 
 
-def test_sparse_solver_missing_is_not_implemented(monkeypatch):
-    monkeypatch.setitem(sys.modules, "featmatch.matching", None)  # makes the import fail
-    a = jumprelu_sae(d_in=6, d_sae=10, seed=0)
-    with pytest.raises(NotImplementedError, match="featmatch.matching"):
-        match(a, a, solver="sparse")
-
-
 def test_sparse_solver_is_called_with_feature_vectors(monkeypatch):
+    """solver="sparse" hands the (F, D) feature vectors to the real sparse solver, and the
+    unmatched rule is applied to its result as to the dense one's."""
     calls = []
+    real = _lap.sparse_match
 
-    def sparse_match(x_a, x_b, metric):
-        calls.append((tuple(x_a.shape), tuple(x_b.shape), metric))
-        return assign(pairwise_cost(x_a, x_b, metric=metric))
+    def spy(x_a, x_b, metric, **kwargs):
+        calls.append((tuple(x_a.shape), tuple(x_b.shape), metric, kwargs))
+        return real(x_a, x_b, metric=metric, **kwargs)
 
-    mod = types.ModuleType("featmatch.matching")
-    mod.sparse_match = sparse_match
-    monkeypatch.setitem(sys.modules, "featmatch.matching", mod)
+    monkeypatch.setattr(_lap, "sparse_match", spy)
     a, b = jumprelu_sae(d_in=6, d_sae=10, seed=0), jumprelu_sae(d_in=6, d_sae=14, seed=1)
-    m = match(a, b, solver="sparse", unmatched_quantile=0.5)
-    assert calls == [((10, 12), (14, 12), "mse")]
+    m = match(a, b, solver="sparse", unmatched_quantile=0.5, k=3)
+    assert calls == [((10, 12), (14, 12), "mse", {"k": 3})]
     np.testing.assert_array_equal(m.perm, match(a, b, solver="dense", unmatched_quantile=0.5).perm)
     assert m.meta["solver"] == "sparse"
 
@@ -510,8 +503,7 @@ def test_interrupted_save_keeps_previous_result(tmp_path, monkeypatch):
     np.testing.assert_array_equal(Matching.load(path).perm, first.perm)
 
 
-def test_real_sparse_solver_agrees_with_dense_when_available():
-    pytest.importorskip("featmatch.matching")
+def test_sparse_solver_agrees_with_dense_on_a_planted_pair():
     p = planted_pair(d=32, f_a=128, f_b=140, n_shared=114, noise=0.2, seed=5)
     dense = match(p.sae_a, p.sae_b, solver="dense")
     sparse = match(p.sae_a, p.sae_b, solver="sparse")

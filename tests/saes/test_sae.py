@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -247,30 +245,22 @@ def test_hub_unreachable_offline_is_reported_clearly():
         load_sae("gpt2-small-res-jb:blocks.0.hook_resid_pre")
 
 
-@pytest.fixture
-def fake_zoo(tmp_path, monkeypatch):
-    """Stand-in for featmatch.saes.zoo (another engineer's module): sae_path -> a saved SAE folder."""
-    sae, folder = _saved(tmp_path, seed=4)
-    calls: list[tuple[str, str]] = []
-
-    def sae_path(release: str, sae_id: str) -> Path:
-        calls.append((release, sae_id))
-        return folder
-
-    mod = types.ModuleType("featmatch.saes.zoo")
-    mod.sae_path = sae_path
-    monkeypatch.setitem(sys.modules, "featmatch.saes.zoo", mod)
-    monkeypatch.setattr(featmatch, "zoo", mod, raising=False)
-    return sae, calls
-
-
-def test_zoo_release_resolves_through_featmatch_zoo(fake_zoo):
-    sae, calls = fake_zoo
-    loaded = load_sae("featmatch-smollm2-quick:blocks.5.hook_resid_post")
-    assert calls == [("featmatch-smollm2-quick", "blocks.5.hook_resid_post")]
-    assert torch.equal(loaded.W_dec.detach(), sae.W_dec.detach())
-    load_sae("featmatch-smollm2-tiny", sae_id="blocks.1.hook_resid_post")
-    assert calls[-1] == ("featmatch-smollm2-tiny", "blocks.1.hook_resid_post")
+def test_zoo_release_loads_from_the_real_tiny_zoo():
+    """``featmatch-*`` releases resolve through featmatch.saes.zoo (checksums verified)."""
+    sae = load_sae("featmatch-smollm2-tiny:blocks.5.hook_resid_post")
+    assert type(sae) is JumpReLUSAE
+    assert sae.cfg.metadata.hook_name == "blocks.5.hook_resid_post"
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (576, 128)  # SmolLM2's width, the tiny profile's F
+    assert sae.cfg.metadata.featmatch["layer"] == 5 and sae.cfg.metadata.featmatch["profile"] == "tiny"
+    assert weights(sae).threshold.min() > 0  # floored at build time, so it folds
+    same = load_sae("featmatch-smollm2-tiny", sae_id="blocks.5.hook_resid_post")
+    assert torch.equal(same.W_dec, sae.W_dec)
+    l0b = load_sae("featmatch-smollm2-tiny-l0b:blocks.14.hook_resid_post")
+    assert l0b.cfg.metadata.featmatch["variant"] == "l0b"
+    with pytest.raises(ValueError, match="has no SAE 'blocks.99.hook_resid_post'"):
+        load_sae("featmatch-smollm2-tiny:blocks.99.hook_resid_post")
+    with pytest.raises(ValueError, match="unknown zoo release"):
+        load_sae("featmatch-smollm2-enormous:blocks.0.hook_resid_post")
 
 
 # --------------------------------------------------------------------------------------
@@ -307,7 +297,8 @@ def test_hub_sets_name_real_saelens_ids(name):
 
 
 def test_zoo_sets_take_their_layers_from_the_zoo_profiles():
-    zoo = pytest.importorskip("featmatch.saes.zoo")
+    from featmatch.saes import zoo
+
     for prof in ("tiny", "quick", "full"):
         p = zoo.get_profile(prof)
         main, l0b = sae_set(f"featmatch-smollm2-{prof}"), sae_set(f"featmatch-smollm2-{prof}-l0b")
@@ -324,15 +315,29 @@ def test_registry_errors():
         sae_set("gpt2-small-res-jb").sae_id_for(12)
 
 
-def test_load_layer_sae_goes_through_the_zoo(fake_zoo):
-    sae, calls = fake_zoo
+def test_load_layer_sae_reads_the_real_tiny_zoo():
     loaded = load_layer_sae("featmatch-smollm2-tiny", 2)
-    assert calls == [("featmatch-smollm2-tiny", "blocks.2.hook_resid_post")]
-    assert np.array_equal(loaded.threshold.detach().numpy(), sae.threshold.detach().numpy())
+    assert loaded.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    assert loaded.cfg.metadata.featmatch["layer"] == 2
+    l0b = load_layer_sae("featmatch-smollm2-tiny-l0b", 15)
+    assert l0b.cfg.metadata.featmatch["variant"] == "l0b"
+    assert not np.array_equal(l0b.W_enc.detach().numpy(), load_layer_sae("featmatch-smollm2-tiny", 15).W_enc.detach().numpy())
+    with pytest.raises(ValueError, match="no layer 3"):
+        load_layer_sae("featmatch-smollm2-tiny-l0b", 3)
 
 
-def test_package_reexports():
-    for name in ("fold", "load_sae", "weights", "match", "compose", "paths", "Matching"):
-        assert callable(getattr(featmatch, name)), name
-    assert isinstance(featmatch.__version__, str) and featmatch.__version__
-    assert featmatch.fold is fold
+def test_package_reexports_are_the_stage_objects():
+    import importlib
+    import subprocess
+    import sys
+
+    stages = {"fold": "saes", "load_sae": "saes", "weights": "saes"}
+    for name in set(featmatch.__all__) - {"__version__"}:
+        stage = importlib.import_module(f"featmatch.{stages.get(name, 'matching')}")
+        assert getattr(featmatch, name) is getattr(stage, name), name
+    from importlib.metadata import version
+
+    assert featmatch.__version__ == version("featmatch")
+    # the re-exports are lazy: importing the package alone does not import torch
+    code = "import sys, featmatch; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,7 +1,10 @@
 """The SAE zoo: profiles, resumable and checksummed builds, SAELens disk format, clear errors.
 
-The default tests build a 3-layer zoo on a tiny random HookedTransformer with a byte
-tokenizer (a few seconds). The real tiny profile on SmolLM2 runs under ``-m slow``.
+The build tests train a 3-layer zoo on a tiny random HookedTransformer with a byte
+tokenizer (a few seconds each). They stay fakes on purpose: each one trains and retrains
+SAEs (resume, corruption, force), which on SmolLM2 takes minutes per build even at the
+tiny profile. The real tiny zoo (built by ``make test`` before pytest) is checked as is by
+``test_real_tiny_zoo_verifies_and_loads``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from featmatch.saes import zoo
 
 
 class ByteTokenizer:
+    """One token per byte: with the 50-token random model, the real tokenizer would not fit."""
+
     bos_token_id = 0
     eos_token_id = 1
 
@@ -241,22 +246,75 @@ def test_outliers_are_filtered():
 # --------------------------------------------------------------------------- real model
 
 
-@pytest.mark.slow
-def test_real_tiny_profile_builds():
-    """The shipped tiny profile on SmolLM2, in the default cache (reused once built)."""
+def test_real_tiny_zoo_verifies_and_loads(monkeypatch):
+    """The shipped tiny profile on SmolLM2, in the default cache: a re-run only verifies."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("a complete zoo was retrained or the model loaded")
+
+    monkeypatch.setattr(zoo, "_train_sae", never)
+    monkeypatch.setattr(zoo, "_load_model", never)
     path = zoo.build_zoo("tiny", progress=False)
     man = json.loads(path.read_text())
-    assert man["complete"] and len(man["saes"]["main"]) == 30
+    assert man["complete"] and len(man["saes"]["main"]) == 30 and sorted(man["saes"]["l0b"]) == ["14", "15"]
     sae = zoo.load_zoo_sae("tiny", 15)
     assert sae.cfg.d_in == 576
     assert os.path.isdir(zoo.sae_path("featmatch-smollm2-tiny-l0b", "blocks.14.hook_resid_post"))
 
 
+# --------------------------------------------------------------------------- progress
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(
+    "progress, out_tty, err_tty, mode",
+    [
+        (False, True, True, "off"),
+        (True, True, True, "terminal"),
+        (True, False, True, "log"),  # make book > book.log
+        (True, True, False, "log"),  # make book 2> err.log
+        (True, False, False, "log"),  # a pipe, CI, a notebook kernel
+    ],
+)
+def test_progress_mode(progress, out_tty, err_tty, mode):
+    assert zoo._progress_mode(progress, _Stream(out_tty), _Stream(err_tty)) == mode
+
+
+def test_log_mode_shows_one_bar_per_job_and_no_sae_lens_bars(tmp_cache, model, capsys):
+    """Captured output is not a terminal: the gathering passes and the loop over SAEs only."""
+    prof = unit_profile(layers=[0, 1], l0b={"layers": [], "sae": {}}, n_tokens=512, eval_tokens=256)
+    zoo.build_zoo(prof, model=model, tokenizer=ByteTokenizer(), progress=True)
+    err = capsys.readouterr().err
+    descs = {line.split(":")[0].strip() for line in err.replace("\r", "\n").splitlines() if "%|" in line}
+    assert descs == {"gathering train activations", "gathering eval activations", "zoo unit"}
+    assert "Training SAE" not in err and "norm scaling factor" not in err
+
+
+def test_quiet_tqdm_silences_and_restores_sae_lens_bars(capsys):
+    from sae_lens.training import activation_scaler, sae_trainer
+
+    originals = (sae_trainer.tqdm, activation_scaler.tqdm)
+    with zoo._quiet_tqdm(True):
+        for _ in sae_trainer.tqdm(range(3), desc="Training SAE"):
+            pass
+    assert "Training SAE" not in capsys.readouterr().err
+    assert (sae_trainer.tqdm, activation_scaler.tqdm) == originals
+    with zoo._quiet_tqdm(False):
+        assert sae_trainer.tqdm is originals[0]
+
+
 def test_thresholds_at_or_below_zero_are_floored_and_counted():
     from _builders import jumprelu_sae
 
-    from featmatch.saes import zoo as zoo_mod
     from featmatch.saes import fold
+    from featmatch.saes import zoo as zoo_mod
 
     sae = jumprelu_sae(d_in=8, d_sae=16, seed=3)
     with torch.no_grad():
