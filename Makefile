@@ -53,6 +53,11 @@ test: $(STAMP)
 	$(PY) -m featmatch.cli zoo build --profile $(TEST_PROFILE)
 	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --doctest-modules featmatch tests
 	FEATMATCH_PROFILE=$(TEST_PROFILE) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
+	# what a reader gets: the notebooks run as `make book` runs them, then their outputs are checked
+	# (figures shown, no warnings, progress bars or machine paths; tests/chapters/test_book_outputs.py)
+	rm -rf build/test-notebooks
+	$(PY) -m featmatch.cli run-notebook all -p PROFILE $(TEST_PROFILE) --out build/test-notebooks
+	FEATMATCH_EXECUTED_NOTEBOOKS=build/test-notebooks $(PY) -m pytest -q -p no:cacheprovider tests/chapters/test_book_outputs.py
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q --doctest-modules featmatch tests
@@ -62,6 +67,7 @@ book: $(STAMP)
 	@start=$$(date +%s); \
 	$(PY) -m featmatch.cli zoo build --profile $(BOOK_PROFILE) && \
 	$(PY) -m featmatch.cli run-notebook all -p PROFILE $(BOOK_PROFILE) --out book/notebooks && \
+	FEATMATCH_EXECUTED_NOTEBOOKS=book/notebooks $(PY) -m pytest -q -p no:cacheprovider tests/chapters/test_book_outputs.py && \
 	$(VENV)/bin/jupyter-book build book -W --keep-going && \
 	end=$$(date +%s) && \
 	echo "Book built in $$((end - start)) s: open book/_build/html/index.html"

@@ -104,3 +104,21 @@ def tiny_notebook(folder, name: str = "01_tiny", figure: bool = False, fail: boo
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
+
+
+def permuted_sae(sae, perm, hook_name: str | None = None):
+    """A copy of JumpReLU ``sae`` whose feature ``perm[i]`` is feature ``i`` of ``sae``.
+
+    Read at ``hook_name`` (default: the same hook as ``sae``). The planted ground truth of
+    matching tests: matching ``sae`` to the copy must give ``perm``.
+    """
+    hook = hook_name or sae.cfg.metadata.hook_name
+    out = jumprelu_sae(d_in=int(sae.cfg.d_in), d_sae=int(sae.cfg.d_sae), hook_name=hook)
+    inv = torch.as_tensor(np.argsort(np.asarray(perm)))  # feature j of the copy is feature inv[j]
+    with torch.no_grad():
+        out.W_enc.copy_(sae.W_enc[:, inv])
+        out.W_dec.copy_(sae.W_dec[inv])
+        out.b_enc.copy_(sae.b_enc[inv])
+        out.b_dec.copy_(sae.b_dec)
+        out.threshold.copy_(sae.threshold[inv])
+    return out

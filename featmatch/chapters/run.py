@@ -10,6 +10,10 @@ The kernels get the runner's environment without ``MPLBACKEND``: a headless pare
 the kernel, where ``plt.show()`` then draws nothing and the book has no figures. Without
 the variable, ipykernel selects matplotlib's inline backend, which embeds every shown
 figure as an ``image/png`` output.
+
+The kernels run in the output folder, and ``OUT_DIR`` is injected as the relative path
+:data:`FIGURES_DIR` (``"figures"``): the notebooks save their figures and tables to
+``<out>/figures``, and the published parameters cell shows no path of the machine that ran it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 from featmatch._io import atomic_save
 
 __all__ = [
+    "FIGURES_DIR",
     "NotebookRun",
     "notebook_dir",
     "list_notebooks",
@@ -37,6 +42,9 @@ __all__ = [
 ]
 
 KERNEL_NAME = "python3"
+
+#: ``OUT_DIR`` as injected: relative to the output folder, the kernels' working directory.
+FIGURES_DIR = "figures"
 
 #: Environment variables the kernels do not inherit from the runner (see the module docstring).
 KERNEL_ENV_DROP: tuple[str, ...] = ("MPLBACKEND",)
@@ -118,9 +126,11 @@ def run_notebook(
     params : dict, optional
         Values for the notebook's ``parameters`` cell (e.g. ``{"PROFILE": "full"}``).
     out_dir : path
-        Folder for the executed copies. Each is written atomically, so an interrupted run
-        leaves the previous copy (if any) in place. Figures are saved by the notebooks under
-        ``OUT_DIR`` (a parameter they receive as ``out_dir/figures``).
+        Folder for the executed copies, and the kernels' working directory. Each copy is
+        written atomically, so an interrupted run leaves the previous copy (if any) in place.
+        The notebooks save figures under ``OUT_DIR``, a parameter they receive as
+        ``"figures"``, i.e. ``out_dir/figures`` (a relative ``OUT_DIR`` given in ``params``
+        is likewise relative to ``out_dir``).
 
     Returns
     -------
@@ -135,7 +145,7 @@ def run_notebook(
         raise FileNotFoundError(f"no notebooks found in {notebook_dir()}")
     runs: list[NotebookRun] = []
     for nb in targets:
-        values = {"OUT_DIR": str((out / "figures").resolve())}
+        values: dict[str, Any] = {"OUT_DIR": FIGURES_DIR}
         values.update(params or {})
         start = time.perf_counter()
         dest = out / nb.name
@@ -148,7 +158,7 @@ def run_notebook(
                     parameters=values,
                     kernel_name=KERNEL_NAME,
                     progress_bar=progress,
-                    cwd=str(nb.parent),
+                    cwd=str(out.resolve()),
                 )
             except pm.PapermillExecutionError as exc:
                 # keep the partly executed copy: it shows the failing cell and its traceback

@@ -39,6 +39,7 @@ import torch
 from featmatch._io import tokens_sha256
 from featmatch.chapters.claims import Claim, verdict_all
 from featmatch.evaluation.metrics import activation_correlation, matching_score
+from featmatch.semantic import reference_hook
 
 __all__ = [
     "METHODS",
@@ -194,25 +195,10 @@ def resolve_reference(space: str, n_layers: int) -> tuple[str, str]:
     Returns
     -------
     (spec, hook_name)
-        ``spec`` is the string passed in (kept for naming); ``hook_name`` is the hook.
+        ``spec`` is the string passed in (kept for naming); ``hook_name`` is the hook of
+        :func:`featmatch.semantic.reference_hook`.
     """
-    if space == "embed":
-        return space, "hook_embed"
-    if space == "final":
-        return space, f"blocks.{n_layers - 1}.hook_resid_post"
-    if space.startswith("hook:"):
-        return space, space[5:]
-    if space.startswith("layer:"):
-        arg = space[6:]
-        layer = n_layers // 2 if arg == "mid" else int(arg)
-        if layer < 0:
-            layer += n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"reference layer {arg} out of range for a {n_layers}-layer model")
-        return space, f"blocks.{layer}.hook_resid_post"
-    raise ValueError(
-        f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'"
-    )
+    return space, reference_hook(space, n_layers)[0]
 
 
 def reference_spaces(

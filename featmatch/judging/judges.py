@@ -852,7 +852,10 @@ def _load_minilm(path: str | os.PathLike | None, device: str) -> Any:
                 raise JudgeConfigError("the proxy judge needs the sentence-transformers package") from None
             if not Path(path).is_dir():
                 raise JudgeConfigError(f"sentence-embedding model folder not found: {path}")
-            _MODELS[key] = SentenceTransformer(str(path), device=device, local_files_only=True)
+            from featmatch._progress import quiet_progress_bars
+
+            with quiet_progress_bars():  # no "Loading weights" bar in the book's outputs
+                _MODELS[key] = SentenceTransformer(str(path), device=device, local_files_only=True)
         return _MODELS[key]
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from featmatch._io import atomic_save, atomic_write_bytes, atomic_write_json, cache_dir, sha256_file
+from featmatch._progress import quiet_progress_bars
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -60,6 +61,7 @@ __all__ = [
     "load_hf_model",
     "load_model",
     "load_tokenizer",
+    "quiet_progress_bars",
     "resid_hook",
     "verify_cache_entry",
 ]
@@ -687,11 +689,12 @@ def load_model(
     never loaded. No TransformerLens weight processing is applied (see the module docstring).
     """
     spec = get_spec(name)
-    if spec.source == "gguf":
-        entry = _ensure_cache(spec, rebuild=rebuild_cache)
-        model = _load_from_entry(entry, device, dtype)
-    else:
-        model = _load_hub_model(spec, device, dtype)
+    with quiet_progress_bars():
+        if spec.source == "gguf":
+            entry = _ensure_cache(spec, rebuild=rebuild_cache)
+            model = _load_from_entry(entry, device, dtype)
+        else:
+            model = _load_hub_model(spec, device, dtype)
     _check_arch(model, spec)
     return model
 
@@ -742,7 +745,8 @@ def load_tokenizer(name: str | ModelSpec = DEFAULT_MODEL) -> PreTrainedTokenizer
         entry = cache_entry(spec)
         if verify_cache_entry(entry) is None:
             return _load_cached_tokenizer(entry)
-        return _load_gguf_tokenizer(_checked_gguf(spec)[0])
+        with quiet_progress_bars():
+            return _load_gguf_tokenizer(_checked_gguf(spec)[0])
     try:
         from transformer_lens.utilities.tokenize_utils import get_tokenizer_with_bos
 
@@ -780,10 +784,12 @@ def load_hf_model(name: str | ModelSpec = DEFAULT_MODEL, dtype: torch.dtype = to
     spec = get_spec(name)
     if spec.source == "gguf":
         path, _ = _checked_gguf(spec)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with quiet_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec.hf_name, dtype=dtype)
+            with quiet_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(spec.hf_name, dtype=dtype)
         except _HUB_ERRORS as exc:
             raise _hub_error(spec, "the transformers model", exc) from None
     model.eval()

@@ -97,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ReferenceSpace",
     "reference_coordinates",
+    "reference_hook",
     "FeatureDistributions",
     "distance_matrix",
     "pair_distances",
@@ -310,9 +311,20 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(fh, **arrays)
 
 
-def _resolve_space(model: Any, space: str) -> tuple[str, int | None]:
-    """Hook name and ``stop_at_layer`` for a reference-space spec."""
-    n_layers = int(model.cfg.n_layers)
+def reference_hook(space: str, n_layers: int) -> tuple[str, int | None]:
+    """Hook name and ``stop_at_layer`` of a reference-space spec.
+
+    ``"layer:L"`` (negative ``L`` counts from the end, ``"layer:mid"`` is
+    ``n_layers // 2``), ``"final"`` (the last block's ``hook_resid_post``), ``"embed"``
+    (``hook_embed``), or ``"hook:<name>"``.
+
+    Examples
+    --------
+    >>> reference_hook("layer:mid", 30)
+    ('blocks.15.hook_resid_post', 16)
+    >>> reference_hook("embed", 30)
+    ('hook_embed', 0)
+    """
     if space == "embed":
         return "hook_embed", 0
     if space == "final":
@@ -330,6 +342,11 @@ def _resolve_space(model: Any, space: str) -> tuple[str, int | None]:
     raise ValueError(
         f"unknown reference space {space!r}; use 'layer:L', 'layer:mid', 'final', 'embed' or 'hook:<name>'"
     )
+
+
+def _resolve_space(model: Any, space: str) -> tuple[str, int | None]:
+    """Hook name and ``stop_at_layer`` for a reference-space spec of ``model``."""
+    return reference_hook(space, int(model.cfg.n_layers))
 
 
 def reference_coordinates(

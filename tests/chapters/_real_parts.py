@@ -12,27 +12,13 @@ from functools import cache
 
 import numpy as np
 import torch
-from _builders import jumprelu_sae, tiny_model, tiny_tokens
+from _builders import jumprelu_sae, permuted_sae, tiny_model, tiny_tokens
 
 SEQ_LEN = 16
 D_MODEL = 16
 D_SAE = 24
 HOOK = "blocks.1.hook_resid_post"
 DEAD = 0  # feature of SAE A that never fires (its partner in B neither)
-
-
-def permuted_sae(sae, perm: np.ndarray):
-    """A copy of ``sae`` whose feature ``perm[i]`` is feature ``i`` of ``sae``."""
-    out = jumprelu_sae(d_in=int(sae.cfg.d_in), d_sae=int(sae.cfg.d_sae), hook_name=sae.cfg.metadata.hook_name)
-    inv = np.argsort(perm)  # feature j of the copy is feature inv[j] of sae
-    idx = torch.as_tensor(inv)
-    with torch.no_grad():
-        out.W_enc.copy_(sae.W_enc[:, idx])
-        out.W_dec.copy_(sae.W_dec[idx])
-        out.b_enc.copy_(sae.b_enc[idx])
-        out.b_dec.copy_(sae.b_dec)
-        out.threshold.copy_(sae.threshold[idx])
-    return out
 
 
 @cache

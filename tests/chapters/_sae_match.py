@@ -17,25 +17,12 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from _builders import jumprelu_sae, tiny_model, tiny_tokens
+from _builders import jumprelu_sae, permuted_sae, tiny_model, tiny_tokens
 
 D, F, N_LAYERS = 16, 24, 4
 #: Token ids 2000..2049 of the BERT vocabulary are common English words ("to", "was", "he", ...).
 WORD_OFFSET, N_WORDS = 2000, 50
 D_VOCAB = WORD_OFFSET + N_WORDS
-
-
-def permuted(sae, perm: np.ndarray, hook: str):
-    """A copy of ``sae`` whose feature ``perm[i]`` is feature ``i`` of the original, read at ``hook``."""
-    new = jumprelu_sae(d_in=D, d_sae=F, seed=99, hook_name=hook)
-    inv = np.argsort(perm)  # new feature j = old feature inv[j]
-    with torch.no_grad():
-        new.W_enc.copy_(sae.W_enc[:, inv])
-        new.W_dec.copy_(sae.W_dec[inv])
-        new.b_enc.copy_(sae.b_enc[inv])
-        new.b_dec.copy_(sae.b_dec)
-        new.threshold.copy_(sae.threshold[inv])
-    return new
 
 
 def planted_chain() -> tuple[dict, dict]:
@@ -46,7 +33,7 @@ def planted_chain() -> tuple[dict, dict]:
     for layer in range(1, N_LAYERS):
         p = rng.permutation(F)
         perms[layer - 1] = p
-        saes[layer] = permuted(saes[layer - 1], p, f"blocks.{layer}.hook_resid_post")
+        saes[layer] = permuted_sae(saes[layer - 1], p, f"blocks.{layer}.hook_resid_post")
     return saes, perms
 
 
@@ -54,7 +41,7 @@ def twin() -> tuple[dict, np.ndarray]:
     """``(saes, perm)``: SAE 1 is SAE 0 with its features permuted by ``perm``, on the same hook."""
     base = jumprelu_sae(d_in=D, d_sae=F, seed=1, theta_range=(0.05, 0.2), hook_name="blocks.0.hook_resid_post")
     perm = np.random.default_rng(5).permutation(F)
-    return {0: base, 1: permuted(base, perm, "blocks.0.hook_resid_post")}, perm
+    return {0: base, 1: permuted_sae(base, perm, "blocks.0.hook_resid_post")}, perm
 
 
 def model():

@@ -95,8 +95,9 @@ def test_run_injects_parameters_and_embeds_figures(tmp_path, monkeypatch):
     nb = nbformat.read(run.output, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and 'GREETING = "hi"' in injected[0].source
+    assert 'OUT_DIR = "figures"' in injected[0].source  # relative: no path of this machine
     text = "".join(o["text"] for o in _outputs(nb, "stream") if o["name"] == "stdout")
-    assert f"hihi|int|{(out / 'figures').resolve()}" in text
+    assert "hihi|int|figures" in text
     assert any("image/png" in o["data"] for o in _outputs(nb, "display_data")), (
         "plt.show() produced no image/png: the kernel inherited a non-interactive MPLBACKEND"
     )
@@ -123,3 +124,36 @@ def test_failed_run_keeps_the_previous_copy_and_writes_a_failed_one(tmp_path, mo
     assert any("planted failure" in line for line in error["traceback"])
     text = "".join(o["text"] for o in _outputs(nb, "stream"))
     assert "hellohellohello|int|" in text and "never printed" not in text
+
+
+def test_kernel_runs_in_the_output_folder_so_figures_land_there(tmp_path, monkeypatch):
+    """``OUT_DIR = "figures"`` resolves against the kernel's cwd, the output folder."""
+    from featmatch.chapters.run import FIGURES_DIR
+
+    src = tiny_notebook(tmp_path / "nb", "01_tiny")
+    nb = nbformat.read(src, as_version=4)
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import os\n"
+            "import matplotlib.pyplot as plt\n"
+            "import pandas as pd\n"
+            "from featmatch.chapters.claims import write_claims\n"
+            "from featmatch.chapters.setup import save_figure\n"
+            "fig, ax = plt.subplots(figsize=(1, 1))\n"
+            "print(save_figure(fig, OUT_DIR, 'fig_a'))\n"
+            "print(write_claims(pd.DataFrame({'a': [1]}), OUT_DIR, 'tiny'))\n"
+            "print('cwd', os.getcwd())"
+        )
+    )
+    nbformat.write(nb, src)
+    out = tmp_path / "out"
+    monkeypatch.setenv("FEATMATCH_NOTEBOOKS", str(src.parent))
+
+    (run,) = run_notebook("tiny", {}, out, progress=False)
+
+    assert FIGURES_DIR == "figures"
+    assert (out / "figures" / "fig_a.png").is_file()
+    assert (out / "figures" / "tiny_claims.csv").is_file()
+    assert not (src.parent / "figures").exists()  # nothing written next to the sources
+    text = "".join(o["text"] for o in _outputs(nbformat.read(run.output, as_version=4), "stream"))
+    assert "figures/fig_a.png" in text and f"cwd {out.resolve()}" in text
