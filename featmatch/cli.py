@@ -7,7 +7,7 @@
     featmatch compose M1 M2 --out FILE
     featmatch zoo build --profile P [--force]
     featmatch zoo info --profile P [--json]
-    featmatch run-notebook NAME [-p KEY VALUE]... [--out DIR]
+    featmatch run-notebook NAME [-p KEY VALUE]... [--out DIR] [--list-params]
 
 ``A`` and ``B`` are SAE sources for :func:`featmatch.saes.load_sae`: a disk folder,
 ``release:sae_id`` (SAELens hub) or a featmatch zoo release. Outputs are written
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("m1", metavar="M1", help="matching A→B (JSON written by 'featmatch match')")
     c.add_argument("m2", metavar="M2", help="matching B→C")
     c.add_argument("--out", required=True, metavar="FILE", help="output metadata JSON path")
+    c.add_argument("--force", action="store_true", help="compose although M1 does not end where M2 starts")
     c.set_defaults(func=_cmd_compose)
 
     z = sub.add_parser("zoo", help="the locally trained SmolLM2 SAE zoo")
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--out", default="runs", metavar="DIR", help="folder for the executed notebooks (default runs)"
+    )
+    r.add_argument(
+        "--list-params", action="store_true", help="print the notebook's parameters and defaults, run nothing"
     )
     r.set_defaults(func=_cmd_run_notebook)
     return p
@@ -196,7 +200,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     from featmatch.matching._matching import Matching, compose
 
     t0 = time.perf_counter()
-    m = compose(Matching.load(args.m1), Matching.load(args.m2))
+    m = compose(Matching.load(args.m1), Matching.load(args.m2), force=args.force)
     m.meta["sources"] = [args.m1, args.m2]
     path = m.save(args.out)
     for line in _summary(m, 0.0, time.perf_counter() - t0):
@@ -230,8 +234,20 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
-    from featmatch.chapters.run import parse_param, run_notebook
+    from featmatch.chapters.run import (
+        list_notebooks,
+        notebook_parameters,
+        parse_param,
+        resolve_notebook,
+        run_notebook,
+    )
 
+    if args.list_params:
+        for nb in list_notebooks() if args.name == "all" else [resolve_notebook(args.name)]:
+            print(f"{nb.stem}:")
+            for key, spec in notebook_parameters(nb).items():
+                print(f"  {key} = {spec['default']}" + (f"  # {spec['help']}" if spec["help"] else ""))
+        return 0
     params = {key: parse_param(value) for key, value in args.param}
     for run in run_notebook(args.name, params, args.out):
         print(f"{run.name}: {run.output} ({run.seconds:.1f} s)")

@@ -242,3 +242,24 @@ def test_run_notebook_unknown_name_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["run-notebook", "03_folding", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == "featmatch: error: unknown notebook '03_folding'; known: 01_tiny\n"
+
+
+def test_compose_refuses_matchings_that_do_not_chain(tmp_path, capsys):
+    from featmatch.synthetic import planted_chain
+
+    saes, _ = planted_chain(n_layers=3, d=16, f=24, seed=3)
+    for k, sae in enumerate(saes):
+        sae.save_model(tmp_path / f"sae_{k}")
+    for k in (0, 1):
+        argv = ["match", str(tmp_path / f"sae_{k}"), str(tmp_path / f"sae_{k + 1}"), "--out", str(tmp_path / f"{k}{k + 1}.json")]
+        assert main(argv) == 0
+    capsys.readouterr()
+    m01, m12, out = str(tmp_path / "01.json"), str(tmp_path / "12.json"), tmp_path / "c" / "x.json"
+    for first, second in ((m12, m01), (m01, m01)):  # wrong order; a matching with itself
+        assert main(["compose", first, second, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot compose" in err and "--force" in err
+        assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert main(["compose", m12, m01, "--out", str(out), "--force"]) == 0
+    assert main(["compose", m01, m12, "--out", str(out)]) == 0
+    assert Matching.load(out).n_a == 24

@@ -32,6 +32,8 @@ from featmatch._io import atomic_save
 
 __all__ = [
     "FIGURES_DIR",
+    "notebook_parameters",
+    "check_parameters",
     "NotebookRun",
     "notebook_dir",
     "list_notebooks",
@@ -101,6 +103,72 @@ def parse_param(value: str) -> Any:
         return value
 
 
+def notebook_parameters(nb: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The parameters a notebook declares in its ``parameters`` cell.
+
+    Read by papermill's ``inspect_notebook``, without running anything.
+
+    Returns
+    -------
+    dict
+        ``name -> {"default": source text of the default, "help": the line's comment}``,
+        in the cell's order.
+    """
+    import papermill as pm
+
+    path = resolve_notebook(str(nb)) if not Path(nb).is_file() else Path(nb)
+    found = pm.inspect_notebook(str(path))
+    return {k: {"default": v.get("default", ""), "help": v.get("help", "")} for k, v in found.items()}
+
+
+def _literal_type(default: str) -> type | None:
+    """The type of a literal default (int, float, str, bool); ``None`` when it is not one."""
+    try:
+        value = ast.literal_eval(default)
+    except (ValueError, SyntaxError):
+        return None
+    return type(value) if isinstance(value, (bool, int, float, str)) else None
+
+
+def check_parameters(nb: Path, declared: dict[str, dict[str, str]], params: dict[str, Any]) -> None:
+    """Refuse a value whose type differs from the notebook's literal default.
+
+    An ``int`` is accepted for a ``float`` default; defaults that are ``None`` or an
+    expression (``os.environ.get(...)``) accept any value.
+
+    Raises
+    ------
+    ValueError
+        One line naming the notebook, the parameter, its default and the value given.
+    """
+    for key, value in params.items():
+        if key not in declared:
+            continue
+        want = _literal_type(declared[key]["default"])
+        if want is None:
+            continue
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(
+                f"{nb.stem}: parameter {key} takes {'an' if want is int else 'a'} {want.__name__} (default {declared[key]['default']}), "
+                f"got {value!r}"
+            )
+
+
+def _unknown_parameters(targets: list[Path], declared: dict[Path, dict], params: dict[str, Any]) -> None:
+    """Refuse a parameter that no target notebook declares, listing the ones they do."""
+    known = {k for d in declared.values() for k in d}
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        import difflib
+
+        names = sorted(known)
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k for k in unknown]
+        where = targets[0].stem if len(targets) == 1 else "the notebooks"
+        raise ValueError(f"{where} has no parameter {', '.join(hints)}; parameters: {', '.join(names)}")
+
+
 @dataclass(frozen=True)
 class NotebookRun:
     """One executed notebook: where it went and how long it took."""
@@ -124,7 +192,9 @@ def run_notebook(
     name : str
         A notebook stem, number, short name, or ``"all"``.
     params : dict, optional
-        Values for the notebook's ``parameters`` cell (e.g. ``{"PROFILE": "full"}``).
+        Values for the notebook's ``parameters`` cell (e.g. ``{"PROFILE": "full"}``). A name
+        that no target notebook declares, or a value of another type than a literal default,
+        is refused before anything runs (:func:`notebook_parameters`, :func:`check_parameters`).
     out_dir : path
         Folder for the executed copies, and the kernels' working directory. Each copy is
         written atomically, so an interrupted run leaves the previous copy (if any) in place.
@@ -143,10 +213,16 @@ def run_notebook(
     targets = list_notebooks() if name == "all" else [resolve_notebook(name)]
     if not targets:
         raise FileNotFoundError(f"no notebooks found in {notebook_dir()}")
+    params = dict(params or {})
+    declared = {nb: notebook_parameters(nb) for nb in targets}
+    _unknown_parameters(targets, declared, params)
+    for nb in targets:  # every value is checked before anything runs
+        check_parameters(nb, declared[nb], params)
     runs: list[NotebookRun] = []
     for nb in targets:
         values: dict[str, Any] = {"OUT_DIR": FIGURES_DIR}
-        values.update(params or {})
+        # with "all", each notebook gets the parameters it declares (no papermill warning)
+        values.update({k: v for k, v in params.items() if k in declared[nb]})
         start = time.perf_counter()
         dest = out / nb.name
 

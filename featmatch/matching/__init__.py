@@ -16,7 +16,7 @@ Modules, bottom up (each imports only the ones above it):
 
 from featmatch.matching._costs import assign, cost_matrix, feature_vectors, pairwise_cost
 from featmatch.matching._lap import SparseMatchInfo, auto_solver, default_block_size, sparse_match
-from featmatch.matching._matching import Matching, MatchingFileError, compose, match, paths
+from featmatch.matching._matching import Matching, MatchingFileError, compose, end_hooks, match, paths
 from featmatch.matching._stack import match_stack
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "match",
     "match_stack",
     "compose",
+    "end_hooks",
     "paths",
 ]

@@ -80,6 +80,7 @@ __all__ = [
     "MatchingFileError",
     "match",
     "compose",
+    "end_hooks",
     "paths",
 ]
 
@@ -568,21 +569,56 @@ def match(
     return Matching(perm=perm, cost=pair_cost, n_b=wb.d_sae, meta=meta)
 
 
-def compose(m_ab: Matching, m_bc: Matching) -> Matching:
+def end_hooks(m: Matching) -> tuple[str | None, str | None]:
+    """The hooks a matching starts from and maps into, read from its metadata.
+
+    Follows composed (``meta["composed"]``) and inverted (``meta["inverse_of"]``) matchings;
+    ``None`` where the metadata does not say (a matching built from raw arrays).
+    """
+    meta = m.meta if isinstance(m, Matching) else m
+    if not isinstance(meta, dict):
+        return None, None
+    if "composed" in meta and meta["composed"]:
+        parts = meta["composed"]
+        return end_hooks(parts[0])[0], end_hooks(parts[-1])[1]
+    if "inverse_of" in meta:
+        a, b = end_hooks(meta["inverse_of"])
+        return b, a
+    return meta.get("hook_a"), meta.get("hook_b")
+
+
+def compose(m_ab: Matching, m_bc: Matching, *, force: bool = False) -> Matching:
     """Compose two matchings, :math:`P^{(A\\to C)} \\approx P^{(B\\to C)} P^{(A\\to B)}` (Sec. 3.2).
 
     ``perm_ac[i] = m_bc.perm[m_ab.perm[i]]``; -1 propagates (a feature unmatched at either
     step is unmatched). The composed cost is the sum of the two step costs (a path cost,
     not the direct A→C cost; NaN where unmatched).
 
+    The two must chain: the first maps into as many features as the second starts from,
+    and, where both metadata name their hooks (:func:`end_hooks`), the first ends at the
+    hook the second starts from. ``compose(m_15_16, m_14_15)`` or ``compose(m, m)`` is
+    refused.
+
+    Parameters
+    ----------
+    m_ab, m_bc : Matching
+    force : bool, default False
+        Compose although the hooks do not chain (the widths must still agree).
+
     Raises
     ------
     ValueError
-        If ``m_ab.n_b != m_bc.n_a`` (the matchings do not chain).
+        If the matchings do not chain; the message says why in one line.
     """
     if m_ab.n_b != m_bc.n_a:
         raise ValueError(
             f"cannot compose: the first matching maps into {m_ab.n_b} features, the second starts from {m_bc.n_a}"
+        )
+    end_ab, start_bc = end_hooks(m_ab)[1], end_hooks(m_bc)[0]
+    if not force and end_ab is not None and start_bc is not None and end_ab != start_bc:
+        raise ValueError(
+            f"cannot compose: the first matching ends at {end_ab}, the second starts from {start_bc} "
+            "(give them in chain order; force=True / --force composes anyway)"
         )
     ok = m_ab.perm >= 0
     perm = np.full(m_ab.n_a, -1, dtype=np.int64)

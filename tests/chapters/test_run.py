@@ -157,3 +157,31 @@ def test_kernel_runs_in_the_output_folder_so_figures_land_there(tmp_path, monkey
     assert not (src.parent / "figures").exists()  # nothing written next to the sources
     text = "".join(o["text"] for o in _outputs(nbformat.read(run.output, as_version=4), "stream"))
     assert "figures/fig_a.png" in text and f"cwd {out.resolve()}" in text
+
+
+def test_unknown_or_mistyped_parameters_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    from featmatch.chapters.run import notebook_parameters
+
+    src = tiny_notebook(tmp_path / "nb", "01_tiny")
+    monkeypatch.setenv("FEATMATCH_NOTEBOOKS", str(src.parent))
+    assert list(notebook_parameters(src)) == ["GREETING", "N", "OUT_DIR"]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no parameter GREETNG \(did you mean GREETING\?\); parameters: GREETING, N"):
+        run_notebook("01", {"GREETNG": "hi"}, out, progress=False)
+    with pytest.raises(ValueError, match=r"parameter N takes an int \(default 1\), got 'three'"):
+        run_notebook("01", {"N": "three"}, out, progress=False)
+    with pytest.raises(ValueError, match="GREETING takes a str"):
+        run_notebook("01", {"GREETING": 3}, out, progress=False)
+    assert not out.exists() or not list(out.glob("*.ipynb"))  # nothing was executed
+
+
+def test_cli_lists_parameters_and_rejects_a_typo(tmp_path, monkeypatch, capsys):
+    from featmatch.cli import main
+
+    src = tiny_notebook(tmp_path / "nb", "01_tiny")
+    monkeypatch.setenv("FEATMATCH_NOTEBOOKS", str(src.parent))
+    assert main(["run-notebook", "01", "--list-params"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["01_tiny:", '  GREETING = "hello"', "  N = 1", "  OUT_DIR = None"]
+    assert main(["run-notebook", "01", "-p", "NN", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no parameter NN (did you mean N?)" in err

@@ -510,3 +510,24 @@ def test_sparse_solver_agrees_with_dense_on_a_planted_pair():
     assert sparse.meta["solver"] == "sparse"
     assert sparse.total_cost == pytest.approx(dense.total_cost, rel=1e-6)
     assert recovery(sparse.perm, p.truth) >= 0.99
+
+
+def test_compose_checks_that_the_hooks_chain():
+    from featmatch.matching import end_hooks
+
+    def hop(a, b, perm):
+        perm = np.asarray(perm)
+        return Matching(perm=perm, cost=np.zeros(len(perm)), n_b=3, meta={"hook_a": a, "hook_b": b})
+
+    m01, m12 = hop("h0", "h1", [2, 0, 1]), hop("h1", "h2", [1, 2, 0])
+    m02 = compose(m01, m12)
+    assert end_hooks(m02) == ("h0", "h2") and end_hooks(m01.inverse()) == ("h1", "h0")
+    np.testing.assert_array_equal(m02.perm, [0, 1, 2])
+    for first, second in ((m12, m01), (m01, m01), (m02, m02)):
+        with pytest.raises(ValueError, match="ends at h[12], the second starts from h[01]"):
+            compose(first, second)
+    np.testing.assert_array_equal(compose(m12, m01, force=True).perm, [0, 1, 2])  # perm[i] = m01[m12[i]]
+    # inverses chain back; raw matchings without hooks are only checked for width
+    assert end_hooks(compose(m01, m01.inverse())) == ("h0", "h0")
+    raw = Matching(perm=np.array([0, 1, 2]), cost=np.zeros(3), n_b=3)
+    assert end_hooks(compose(raw, m12)) == (None, "h2")
