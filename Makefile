@@ -68,11 +68,14 @@ book: $(STAMP)
 	$(PY) -m featmatch.cli zoo build --profile $(BOOK_PROFILE) && \
 	$(PY) -m featmatch.cli run-notebook all -p PROFILE $(BOOK_PROFILE) --out book/notebooks && \
 	FEATMATCH_EXECUTED_NOTEBOOKS=book/notebooks $(PY) -m pytest -q -p no:cacheprovider tests/chapters/test_book_outputs.py && \
+	$(PY) -m featmatch.cli book-pages --figures book/notebooks/figures --out book && \
 	$(VENV)/bin/jupyter-book build book -W --keep-going && \
+	FEATMATCH_BUILT_HTML=book/_build/html $(PY) -m pytest -q -p no:cacheprovider tests/chapters/test_book_html.py && \
 	end=$$(date +%s) && \
 	echo "Book built in $$((end - start)) s: open book/_build/html/index.html"
 
 html: $(STAMP)
+	$(PY) -m featmatch.cli book-pages --figures book/notebooks/figures --out book
 	$(VENV)/bin/jupyter-book build book -W --keep-going
 
 bench: $(STAMP)

@@ -16,9 +16,19 @@ random-but-realistic JumpReLU SAEs (``--saes random``): random unit encoder dire
 that feature ``i`` fires at a rate drawn log-uniformly in [1e-3, 0.15] (L0 about 30,
 close to the zoo's target sparsity).
 
+Benchmark P7 (``--p7``): the statistics pass for two ``--p7-width`` (16,384) wide random
+JumpReLU SAEs (layers 14 and 15) on SmolLM2 over 16k tokens, evaluating three matchings
+(two random permutations and the top-1 decoder cosine) with ``gather(..., evaluate=...)``:
+the feature-pair sums are kept for the matched pairs only. Prints the peak RSS of the
+process (model included) and, beside it, the memory the dense ``pairs=`` path would need,
+computed analytically (``coact`` int64 + ``prod_sum`` float64 = 16 bytes per feature pair,
+plus the float32 ``F × F`` product of each batch): it is not run, because at this width it
+would take more than the 3 GB target by itself.
+
 Usage::
 
     python benchmarks/bench_activations.py [--batches 6] [--repeats 2] [--profile-top 25]
+    python benchmarks/bench_activations.py --p7 [--p7-width 16384] [--p7-tokens 16384]
 """
 
 from __future__ import annotations
@@ -37,18 +47,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def realistic_saes(model, tokens: torch.Tensor, width: int, seed: int = 0) -> dict:
+def realistic_saes(model, tokens: torch.Tensor, width: int, seed: int = 0, layers=None) -> dict:
     """JumpReLU SAEs with random directions and thresholds calibrated to realistic firing rates."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
     n_layers, d = model.cfg.n_layers, model.cfg.d_model
-    hooks = [f"blocks.{L}.hook_resid_post" for L in range(n_layers)]
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    hooks = [f"blocks.{L}.hook_resid_post" for L in layers]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens[:8], names_filter=hooks, stop_at_layer=n_layers)
+        _, cache = model.run_with_cache(tokens[:8], names_filter=hooks, stop_at_layer=max(layers) + 1)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     saes = {}
-    for L, hook in enumerate(hooks):
+    for L, hook in zip(layers, hooks, strict=True):
         x = cache[hook][:, 1:].reshape(-1, d)
         keep = x.norm(dim=1) < 10 * x.norm(dim=1).median()  # drop the rare outlier positions
         x = x[keep]
@@ -97,6 +108,69 @@ def bare_forward(model, tokens: torch.Tensor, batch: int, stop: int) -> None:
             model(tokens[s : s + batch], stop_at_layer=stop)
 
 
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def p7(args: argparse.Namespace) -> int:
+    """Benchmark P7: the sparse-edge statistics pass at 16k width (see the module docstring)."""
+    from featmatch.lm.activations import gather
+    from featmatch.lm.corpus import token_batches
+    from featmatch.lm.models import load_model
+    from featmatch.matching.baselines import top1_cosine_perm
+
+    F = args.p7_width
+    model = load_model(args.model)
+    model.eval()
+    tokens = token_batches(model.tokenizer, args.p7_tokens, seq_len=args.seq_len, split="eval")
+    saes = realistic_saes(model, tokens, F, layers=(14, 15))
+    rng = np.random.default_rng(0)
+    perm1, perm2 = rng.permutation(F), rng.permutation(F)
+    cos1, _ = top1_cosine_perm(saes[14], saes[15])
+    rss_before = peak_rss_gb()
+    t0 = time.perf_counter()
+    stats = gather(
+        model,
+        saes,
+        tokens,
+        evaluate=[(14, 15, perm1), (14, 15, perm2), (14, 15, cos1)],
+        n_samples=64,
+        top_k=16,
+        cache=False,
+        progress=False,
+        batch_size=args.batch_size,
+    )
+    dt = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    n_edges = len(stats.pair_edges[(14, 15)][0])
+    n_batch = args.batch_size * (args.seq_len - 1)
+    dense_pair = 16 * F * F / 2**30
+    dense_tmp = 2 * 4 * F * F / 2**30  # float32 results of the two per-batch products before accumulation
+    acts = 2 * 2 * 4 * n_batch * F / 2**30  # dense activations + masks of the two layers in one batch
+    print("TABLE_BEGIN")
+    print(
+        f"P7: statistics pass over {stats.n_tokens:,} positions (SmolLM2-135M, batch {args.batch_size} × "
+        f"{args.seq_len}) for two {F:,}-wide random JumpReLU SAEs (layers 14, 15; L0 "
+        f"{stats.l0(14):.0f} / {stats.l0(15):.0f}), evaluating three matchings ({n_edges:,} distinct "
+        f"feature pairs). {dt:.0f} s wall.\n"
+    )
+    print("| path | peak RSS of the process | of which pair statistics | target |")
+    print("|---|---|---|---|")
+    print(
+        f"| `evaluate=` (sparse edges, measured) | {rss:.2f} GB (model + SAEs before the pass: "
+        f"{rss_before:.2f} GB) | {32 * n_edges / 2**20:.1f} MB (+ {acts:.2f} GB per-batch activations) | ≤ 3 GB |"
+    )
+    print(
+        f"| `pairs=` (dense F × F, analytic, not run) | ≥ {rss_before + dense_pair + dense_tmp + acts:.2f} GB | "
+        f"{dense_pair:.2f} GB (`coact` + `prod_sum`) + {dense_tmp:.2f} GB per-batch products | |"
+    )
+    print("TABLE_END")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -111,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fast-encode", action="store_true", help="always call sae.encode")
     ap.add_argument("--profile-top", type=int, default=0, help="cProfile one gather and print N rows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--p7", action="store_true", help="run benchmark P7 only (sparse-edge pass at 16k width)")
+    ap.add_argument("--p7-width", type=int, default=16384)
+    ap.add_argument("--p7-tokens", type=int, default=16384)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.p7:
+        return p7(args)
     from featmatch.lm.activations import gather
     from featmatch.lm.corpus import token_batches
     from featmatch.lm.models import load_model

@@ -13,6 +13,11 @@ Usage::
     python benchmarks/run_all.py --quick    # smoke run
     python benchmarks/run_all.py --only bench_matching --out /tmp/bench.md
     python benchmarks/run_all.py --only bench_matching --args "--only 16k --no-stack"
+    python benchmarks/run_all.py --only bench_regimes   # the regime sweep (issue 18)
+    python benchmarks/run_all.py --only bench_regimes --args "--shapes 8k --unpartnered 0.4 --noise 0.8"
+
+Scripts are found by name (``benchmarks/bench_*.py``), so a new benchmark is wired in by
+naming it so and printing its table between the markers.
 """
 
 from __future__ import annotations

@@ -11,7 +11,14 @@ Submodules are imported lazily, so ``import featmatch`` stays cheap (no torch im
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenMP threads that wait passively instead of spinning: on a shared machine a spinning torch
+# thread fights a descheduled peer (measured in benchmarks/bench_contention.py: 54 s passive
+# against 311 s with the default policy while another process held one of two cores). It only
+# takes effect when set before torch starts its thread pool, hence here; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from importlib.metadata import PackageNotFoundError, version

@@ -55,10 +55,13 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
 
     ``writer`` receives a temporary path in the target's directory (so the rename is
-    atomic on POSIX) that ends with the target's suffix. If it raises, the temporary file is removed and ``path`` is left
-    untouched.
+    atomic on POSIX) that ends with the target's suffix. If it raises, the temporary
+    file is removed and ``path`` is left untouched. A ``path`` that is a directory is
+    refused up front (``IsADirectoryError`` naming it, not the temporary file).
     """
     path = Path(path)
+    if path.is_dir():  # else os.replace fails with IsADirectoryError naming the temporary file
+        raise IsADirectoryError(f"{path} is a directory; give a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the real extension last: np.savez and papermill look at it
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -89,10 +92,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically."""
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, sort_keys: bool = True) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (keys sorted unless ``sort_keys=False``)."""
     return atomic_write_text(
-        path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n"
+        path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_json_default) + "\n"
     )
 
 

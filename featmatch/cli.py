@@ -3,15 +3,19 @@
 ::
 
     featmatch match A B [--on encoder|decoder|both] [--metric mse|cosine] [--no-fold] [--b-enc]
-                        [--unmatched-quantile Q | --unmatched-above T] [--solver auto|dense|sparse] --out FILE
-    featmatch compose M1 M2 --out FILE
+                        [--unmatched-quantile Q | --unmatched-above T] [--solver auto|dense|sparse]
+                        --out FILE [--force]
+    featmatch compose M1 M2 --out FILE [--force]
     featmatch zoo build --profile P [--force]
     featmatch zoo info --profile P [--json]
     featmatch run-notebook NAME [-p KEY VALUE]... [--out DIR] [--list-params]
 
 ``A`` and ``B`` are SAE sources for :func:`featmatch.saes.load_sae`: a disk folder,
-``release:sae_id`` (SAELens hub) or a featmatch zoo release. Outputs are written
-atomically, so a failed or interrupted run leaves no partial file. Errors print one line
+``release:sae_id`` (SAELens hub) or a featmatch zoo release. A matching is ONE JSON file
+(arrays embedded), written atomically, so a failed or interrupted run leaves no partial
+file; ``--out`` replaces an existing file only if featmatch wrote it as a matching (the
+output says so), anything else only with ``--force``. ``zoo info`` verifies every recorded
+checksum and exits 2 if a file is bad. Errors print one line
 to stderr and exit with status 2 (130 on Ctrl-C); set ``FEATMATCH_DEBUG=1`` for the
 traceback. All heavy imports happen inside the subcommands.
 """
@@ -75,16 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="FILE",
-        help="metadata JSON path; the arrays go to a sibling <stem>.<sha256 prefix>.npz",
+        help="output file: one JSON file holding the metadata and the arrays; an existing file is "
+        "replaced only if it is a featmatch matching",
+    )
+    m.add_argument(
+        "--force", action="store_true", help="replace --out even if it is not a featmatch matching"
     )
     m.set_defaults(func=_cmd_match)
 
     c = sub.add_parser("compose", help="compose two matchings (A→B then B→C)")
     c.add_argument("m1", metavar="M1", help="matching A→B (JSON written by 'featmatch match')")
     c.add_argument("m2", metavar="M2", help="matching B→C")
-    c.add_argument("--out", required=True, metavar="FILE", help="output metadata JSON path")
-    c.add_argument("--force", action="store_true", help="compose although M1 does not end where M2 starts")
+    c.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file (one JSON file); an existing file is replaced only if it is a featmatch matching",
+    )
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="do it anyway: compose although M1 does not end where M2 starts, and replace --out "
+        "even if it is not a featmatch matching",
+    )
     c.set_defaults(func=_cmd_compose)
+
+    sn = sub.add_parser("supernodes", help="propose supernodes for a circuit-tracer / Neuronpedia graph JSON")
+    sn.add_argument("graph", metavar="GRAPH.json", help="attribution graph in circuit-tracer's JSON format")
+    sn.add_argument("--out", required=True, metavar="FILE", help="the graph with qParams.supernodes filled in")
+    sn.add_argument("--n", type=int, default=None, help="clusters of feature nodes (default: --fraction of them)")
+    sn.add_argument("--fraction", type=float, default=0.1, help="clusters per feature node when --n is not given")
+    sn.add_argument("--force", action="store_true", help="replace --out even if featmatch did not write it")
+    sn.set_defaults(func=_cmd_supernodes)
 
     z = sub.add_parser("zoo", help="the locally trained SmolLM2 SAE zoo")
     zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
@@ -93,10 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
     zb.add_argument("--force", action="store_true", help="retrain even if the SAEs exist")
     zb.set_defaults(func=_cmd_zoo_build)
-    zi = zsub.add_parser("info", help="show a zoo profile's manifest")
+    zi = zsub.add_parser("info", help="show a zoo profile's manifest and verify its files' checksums")
     zi.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
     zi.add_argument("--json", action="store_true", help="print the manifest as JSON")
     zi.set_defaults(func=_cmd_zoo_info)
+
+    bp = sub.add_parser("book-pages", help="write the book's generated pages (results at a glance, parameters)")
+    bp.add_argument("--figures", default="book/notebooks/figures", help="folder of the chapters' *_claims.csv")
+    bp.add_argument("--out", default="book", help="the book's source folder")
+    bp.set_defaults(func=_cmd_book_pages)
 
     r = sub.add_parser("run-notebook", help="execute a notebook of the book with parameters (papermill)")
     r.add_argument("name", help="notebook stem, number, short name, or 'all'")
@@ -152,22 +183,54 @@ def _summary(m: Any, seconds_load: float, seconds_match: float) -> list[str]:
     return lines
 
 
-def _arrays_name(meta_path: Any) -> str:
+class SideError(ValueError):
+    """Loading or checking SAE A or B failed; the message names the side and the source."""
+
+
+def _load_side(side: str, source: str, device: str, fold: bool) -> Any:
+    """Load and validate one SAE of ``featmatch match``; errors name the side and the source."""
+    from featmatch.saes._sae import load_sae, weights
+
+    try:
+        sae = load_sae(source, device=device)
+        weights(sae, side=side, fold=fold)  # NaN / theta <= 0 are reported here, naming the side
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes one line naming the side
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        if not msg.startswith(f"SAE {side}"):
+            msg = f"SAE {side}: {msg}"
+        raise SideError(f"{msg} [{side} = {source}]") from exc
+    return sae
+
+
+def _write_matching(m: Any, out: str, force: bool) -> tuple[Any, str]:
+    """Save ``m`` to ``out`` (see :meth:`Matching.save`); return the path and a note on what was there."""
+    from pathlib import Path
+
     from featmatch.matching._matching import Matching
 
-    arrays = Matching.arrays_file(meta_path)
-    return arrays.name if arrays is not None else "?"
+    target = Path(out)
+    note = ""
+    if target.is_file():
+        if Matching.is_matching_file(target):
+            note = " (replaced an earlier featmatch matching"
+            legacy = Matching.arrays_file(target)
+            if legacy is not None and legacy.exists():
+                note += f"; its old array file {legacy.name} is no longer used and was left in place"
+            note += ")"
+        elif force:
+            note = " (replaced an existing file that was not a featmatch matching: --force)"
+    return m.save(target, force=force), note
 
 
 def _cmd_match(args: argparse.Namespace) -> int:
-    from featmatch.matching._matching import match
-    from featmatch.saes._sae import load_sae
+    from featmatch.matching._matching import Matching, match
 
     if args.unmatched_quantile is not None and not 0.0 <= args.unmatched_quantile <= 1.0:
         raise ValueError(f"--unmatched-quantile must lie in [0, 1], got {args.unmatched_quantile}")
+    _check_out(args.out, args.force, Matching)  # before minutes of work, not after
     t0 = time.perf_counter()
-    sae_a = load_sae(args.sae_a, device=args.device)
-    sae_b = load_sae(args.sae_b, device=args.device)
+    sae_a = _load_side("A", args.sae_a, args.device, args.fold)
+    sae_b = _load_side("B", args.sae_b, args.device, args.fold)
     t1 = time.perf_counter()
     m = match(
         sae_a,
@@ -183,7 +246,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     m.meta["source_a"] = args.sae_a
     m.meta["source_b"] = args.sae_b
-    path = m.save(args.out)
+    path, note = _write_matching(m, args.out, args.force)
     print(f"A:        {args.sae_a} ({_describe(sae_a)})")
     print(f"B:        {args.sae_b} ({_describe(sae_b)})")
     print(
@@ -192,20 +255,56 @@ def _cmd_match(args: argparse.Namespace) -> int:
     )
     for line in _summary(m, t1 - t0, t2 - t1):
         print(line)
-    print(f"wrote:    {path} (+ {_arrays_name(path)})")
+    print(f"wrote:    {path}{note}")
     return 0
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
     from featmatch.matching._matching import Matching, compose
 
+    _check_out(args.out, args.force, Matching)
     t0 = time.perf_counter()
     m = compose(Matching.load(args.m1), Matching.load(args.m2), force=args.force)
     m.meta["sources"] = [args.m1, args.m2]
-    path = m.save(args.out)
+    path, note = _write_matching(m, args.out, args.force)
     for line in _summary(m, 0.0, time.perf_counter() - t0):
         print(line)
-    print(f"wrote:    {path} (+ {_arrays_name(path)})")
+    print(f"wrote:    {path}{note}")
+    return 0
+
+
+def _check_out(out: str, force: bool, matching_cls: Any) -> None:
+    """Refuse a directory, or a file featmatch did not write (without ``--force``), up front."""
+    from pathlib import Path
+
+    target = Path(out)
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"--out {out} is a directory; give a file path (e.g. {target / 'matching.json'})"
+        )
+    if target.exists() and not force and not matching_cls.is_matching_file(target):
+        raise FileExistsError(
+            f"--out {out} exists and is not a featmatch matching; refusing to overwrite it (--force replaces it)"
+        )
+
+
+def _cmd_book_pages(args: argparse.Namespace) -> int:
+    from featmatch.chapters.results import write_book_pages
+
+    for path in write_book_pages(args.figures, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_supernodes(args: argparse.Namespace) -> int:
+    from featmatch.circuits import group_graph_file
+
+    path, out = group_graph_file(args.graph, args.out, n_supernodes=args.n, fraction=args.fraction, force=args.force)
+    g = out["metadata"]["featmatch_grouping"]
+    print(
+        f"{g['n_feature_nodes']} feature nodes -> {g['n_clusters']} clusters by {g['distance']}; "
+        f"{g['n_supernodes_written']} supernodes of 2+ members written to {path}"
+    )
     return 0
 
 
@@ -221,16 +320,30 @@ def _cmd_zoo_info(args: argparse.Namespace) -> int:
     from featmatch.saes import zoo
 
     man = zoo.manifest(args.profile)
+    bad = zoo.verify(args.profile)  # reads every recorded file: complete means "and intact"
+    man["complete"] = bool(man.get("complete")) and not bad
+    man["bad_files"] = bad
     if args.json:
         print(json.dumps(man, indent=2, sort_keys=True, default=str))
-        return 0
+        return EXIT_ERROR if bad else 0
     print(f"zoo profile '{args.profile}'")
     for key, value in sorted(man.items()):
+        if key == "bad_files":
+            continue
         if isinstance(value, dict | list):
             print(f"  {key}: {len(value)} entries")
         else:
             print(f"  {key}: {value}")
-    return 0
+    n_files = sum(len(e.get("files") or {}) for v in man.get("saes", {}).values() for e in v.values())
+    if not bad:
+        print(f"  verified: {n_files} files match their sha256 checksums")
+        return 0
+    print(
+        f"  verified: {len(bad)} of {n_files} files are BAD; run `featmatch zoo build --profile {args.profile}`"
+    )
+    for path, problem in sorted(bad.items()):
+        print(f"    BAD {path}: {problem}")
+    return EXIT_ERROR
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
@@ -263,19 +376,49 @@ def _one_line(exc: BaseException) -> str:
     msg = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in msg:
         msg = f"{msg}: {exc.filename}"
-    if not isinstance(exc, ValueError | FileNotFoundError | NotImplementedError | ConnectionError):
+    if not isinstance(
+        exc,
+        ValueError
+        | FileNotFoundError
+        | FileExistsError
+        | IsADirectoryError
+        | NotImplementedError
+        | ConnectionError,
+    ):
         msg = f"{type(exc).__name__}: {msg}"
     return msg
 
 
+def _exit_now(code: int) -> None:
+    """Flush the standard streams and end the process with ``code``, skipping interpreter teardown.
+
+    Used after Ctrl-C when featmatch runs as a program: every ``finally`` block has already
+    run (the worker of a dense solve is reaped, temporary files are removed, outputs are
+    written atomically or not at all), so nothing is left to clean up, while tearing down
+    torch, sae-lens and a half-gigabyte cost matrix took seconds on a loaded machine.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``featmatch`` command; return the exit status (0 ok, 2 error, 130 interrupted)."""
+    """Run the ``featmatch`` command; return the exit status (0 ok, 2 error, 130 interrupted).
+
+    With ``argv=None`` (run as a program: the ``featmatch`` script, ``python -m featmatch.cli``)
+    an interrupted run exits with status 130 at once (:func:`_exit_now`) instead of returning.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints usage + one line, exits 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("featmatch: interrupted", file=sys.stderr)
+        if argv is None:  # run as a program: leave now (see _exit_now)
+            _exit_now(EXIT_INTERRUPT)
         return EXIT_INTERRUPT
     except Exception as exc:  # noqa: BLE001 - the CLI reports every failure as one line
         if os.environ.get("FEATMATCH_DEBUG"):

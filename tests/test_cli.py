@@ -113,7 +113,7 @@ def test_interrupted_match_leaves_no_partial_output(sae_dirs, tmp_path, monkeypa
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
-    def interrupted(path, obj, indent=2):  # Ctrl-C while the metadata is being written
+    def interrupted(path, obj, indent=2, sort_keys=True):  # Ctrl-C while the file is being written
         def writer(tmp):
             tmp.write_text(json.dumps(obj)[:10])
             raise KeyboardInterrupt
@@ -125,7 +125,7 @@ def test_interrupted_match_leaves_no_partial_output(sae_dirs, tmp_path, monkeypa
     monkeypatch.setattr(fm, "atomic_write_json", interrupted)
     assert main(["match", str(a), str(b), "--out", str(out_dir / "m.json")]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert _outputs(out_dir) == []  # no JSON, no array file, no temporary file
+    assert _outputs(out_dir) == []  # no matching file, no temporary file
 
 
 def test_bad_matching_file_is_one_line_error(tmp_path, capsys):
@@ -188,12 +188,15 @@ def test_zoo_info_prints_the_real_manifest(capsys):
 
     assert main(["zoo", "info", "--profile", "tiny", "--json"]) == 0
     man = json.loads(capsys.readouterr().out)
+    assert man.pop("bad_files") == {}  # every recorded checksum verified
     assert man == zoo.manifest("tiny")
     assert man["profile"] == "tiny" and man["complete"] and len(man["saes"]["main"]) == 30
     assert main(["zoo", "info", "--profile", "tiny"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("zoo profile 'tiny'\n") and "  profile: tiny\n" in text
-    assert "  saes: 2 entries" in text  # the main and l0b sets
+    assert f"  saes: {len(man['saes'])} entries" in text and {"main", "l0b"} <= set(man["saes"])
+    n_files = sum(len(e["files"]) for v in man["saes"].values() for e in v.values())
+    assert f"  verified: {n_files} files match their sha256 checksums" in text
 
 
 def test_zoo_errors_are_one_line(tmp_cache, capsys):
@@ -263,3 +266,202 @@ def test_compose_refuses_matchings_that_do_not_chain(tmp_path, capsys):
     assert main(["compose", m12, m01, "--out", str(out), "--force"]) == 0
     assert main(["compose", m01, m12, "--out", str(out)]) == 0
     assert Matching.load(out).n_a == 24
+
+
+# --------------------------------------------------------------------------------------
+# issue 17: output files that are not featmatch's, errors naming the side, zoo checksums,
+# Ctrl-C during a dense solve
+# --------------------------------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("featmatch: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_out_never_overwrites_an_unrelated_file_without_force(sae_dirs, tmp_path, capsys):
+    """Found 1a: ``--out`` replaced any existing file without a word."""
+    a, b, _ = sae_dirs
+    out = tmp_path / "config.json"
+    out.write_text('{"keep": "me"}\n')
+    assert main(["match", str(a), str(b), "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert str(out) in err and "not a featmatch matching" in err and "--force" in err
+    assert out.read_text() == '{"keep": "me"}\n'
+    assert main(["match", str(a), str(b), "--out", str(out), "--force"]) == 0
+    assert "replaced an existing file that was not a featmatch matching" in capsys.readouterr().out
+    assert main(["match", str(b), str(a), "--out", str(out)]) == 0  # featmatch's own file: replaced, and said so
+    assert f"wrote:    {out} (replaced an earlier featmatch matching)" in capsys.readouterr().out
+    assert Matching.load(out).n_a == 44
+    # compose follows the same rule; its one --force also covers the chain check
+    other = tmp_path / "other.txt"
+    other.write_text("notes")
+    assert main(["compose", str(out), str(out), "--out", str(other)]) == 2
+    assert "not a featmatch matching" in _one_error_line(capsys) and other.read_text() == "notes"
+
+
+def test_out_naming_a_file_in_arrays_deletes_nothing(sae_dirs, tmp_path, capsys):
+    """Found 1b: ``{"arrays": "notes.txt"}`` at --out made featmatch delete notes.txt."""
+    a, b, _ = sae_dirs
+    (tmp_path / "notes.txt").write_text("precious")
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"arrays": "notes.txt"}')
+    assert main(["match", str(a), str(b), "--out", str(victim)]) == 2
+    capsys.readouterr()
+    assert main(["match", str(a), str(b), "--out", str(victim), "--force"]) == 0
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+    assert Matching.load(victim).n_a == 40
+
+
+def test_copied_matching_survives_a_save_to_the_copy(sae_dirs, tmp_path, capsys):
+    """Found 1c: ``cp a.json b.json`` then ``--out b.json`` broke a.json."""
+    import shutil
+
+    a, b, _ = sae_dirs
+    assert main(["match", str(a), str(b), "--out", str(tmp_path / "a.json")]) == 0
+    shutil.copy(tmp_path / "a.json", tmp_path / "b.json")
+    assert main(["match", str(b), str(a), "--out", str(tmp_path / "b.json")]) == 0
+    assert Matching.load(tmp_path / "a.json").n_a == 40 and Matching.load(tmp_path / "b.json").n_a == 44
+    assert _outputs(tmp_path) == ["a.json", "b.json", "sae_a", "sae_b"]
+
+
+def test_out_directory_is_a_one_line_error(sae_dirs, tmp_path, capsys):
+    """Found 5: ``--out DIR`` gave IsADirectoryError on a temporary name."""
+    a, b, _ = sae_dirs
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["match", str(a), str(b), "--out", str(folder)]) == 2
+    err = _one_error_line(capsys)
+    assert f"--out {folder} is a directory" in err and ".tmp" not in err
+    assert _outputs(folder) == []
+
+
+def _damage(sae_dir: Path, how: str) -> None:
+    from sae_lens import SAE
+
+    if how == "cfg":
+        text = (sae_dir / "cfg.json").read_text()
+        (sae_dir / "cfg.json").write_text(text[: len(text) // 2])
+    elif how == "safetensors":
+        f = sae_dir / "sae_weights.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        import torch
+
+        sae = SAE.load_from_disk(sae_dir)
+        with torch.no_grad():
+            if how == "nan":
+                sae.W_dec[3, 1] = float("nan")
+            else:
+                sae.threshold[:2] = torch.tensor([-0.5, 0.0])
+        sae.save_model(sae_dir)
+
+
+@pytest.mark.parametrize(
+    "how, side, expected",
+    [
+        ("cfg", "B", "cfg.json is corrupt"),
+        ("safetensors", "A", "sae_weights.safetensors: corrupt or truncated safetensors file"),
+        ("nan", "B", "SAE B parameter W_dec contains 1 non-finite values"),
+        ("theta", "A", "SAE A threshold (theta) has 2 values <= 0"),
+    ],
+)
+def test_sae_load_errors_name_the_file_and_the_side(sae_dirs, tmp_path, capsys, how, side, expected):
+    """Found 5: raw JSON / SafetensorError messages, NaN and theta errors without the side."""
+    a, b, _ = sae_dirs
+    bad = a if side == "A" else b
+    _damage(bad, how)
+    assert main(["match", str(a), str(b), "--out", str(tmp_path / "m.json")]) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith(f"featmatch: error: SAE {side}") and expected in err and str(bad) in err
+    assert "SafetensorError" not in err.split(":")[1] and not (tmp_path / "m.json").exists()
+    if how == "theta":
+        assert "folding" in err
+        assert main(["match", str(a), str(b), "--no-fold", "--out", str(tmp_path / "m.json")]) == 2
+        err = _one_error_line(capsys)
+        assert expected in err and "fold" not in err and "must be > 0" in err
+
+
+def test_truncated_zoo_manifest_names_the_file_and_the_side(sae_dirs, tmp_path, monkeypatch, capsys):
+    """Found 5: a truncated zoo manifest.json printed only a JSON decoder message."""
+    from featmatch.saes import zoo
+
+    real = zoo.manifest_path("tiny").read_text()
+    monkeypatch.setenv("FEATMATCH_CACHE", str(tmp_path / "cache"))
+    man = zoo.manifest_path("tiny")
+    man.parent.mkdir(parents=True)
+    man.write_text(real[:200])
+    _, b, _ = sae_dirs
+    argv = ["match", str(b), "featmatch-smollm2-tiny:blocks.3.hook_resid_post", "--out", str(tmp_path / "m.json")]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith("featmatch: error: SAE B") and f"zoo manifest {man} is corrupt" in err
+    assert main(["zoo", "info", "--profile", "tiny"]) == 2
+    assert f"zoo manifest {man} is corrupt" in _one_error_line(capsys)
+
+
+def test_zoo_info_verifies_checksums_and_names_bad_files(tmp_path, monkeypatch, capsys):
+    """Found 5: ``zoo info`` printed ``complete: True`` over corrupt weight files."""
+    import shutil
+
+    from featmatch.saes import zoo
+
+    real = zoo.manifest_path("tiny").parent
+    monkeypatch.setenv("FEATMATCH_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(real, zoo.zoo_dir("tiny", create=False), ignore=shutil.ignore_patterns(".build.lock"))
+    entry = zoo.manifest("tiny")["saes"]["main"]["4"]
+    weights = zoo.manifest_path("tiny").parent / entry["path"] / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: still a loadable file, wrong weights
+    weights.write_bytes(bytes(data))
+    (weights.parent.parent / "blocks.7.hook_resid_post" / "cfg.json").unlink()
+    assert main(["zoo", "info", "--profile", "tiny"]) == 2
+    out = capsys.readouterr().out
+    assert "complete: False" in out and "complete: True" not in out
+    assert f"BAD {weights}: sha256 differs" in out and "blocks.7.hook_resid_post/cfg.json: missing" in out
+    assert "verified: 2 of " in out
+    assert main(["zoo", "info", "--profile", "tiny", "--json"]) == 2
+    man = json.loads(capsys.readouterr().out)
+    assert man["complete"] is False and str(weights) in man["bad_files"] and len(man["bad_files"]) == 2
+
+
+def test_sigint_during_a_dense_solve_exits_130_at_once_and_leaves_nothing(tmp_path):
+    """Found 2: Ctrl-C did nothing while scipy solved a dense 8192 x 8192 assignment.
+
+    SIGINT goes to the whole process group, as Ctrl-C in a terminal does, 2 s after the
+    solve started (when the worker process that runs it appears)."""
+    import signal
+    import time
+
+    import psutil
+    from _builders import jumprelu_sae
+
+    for name, seed in (("a", 0), ("b", 1)):
+        jumprelu_sae(d_in=64, d_sae=8192, seed=seed).save_model(tmp_path / name)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "featmatch.cli", "match", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--solver", "dense", "--out", str(out_dir / "m.json")]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 300
+        while not (workers := parent.children()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert workers and proc.poll() is None, "the dense solve did not start in a worker"
+        time.sleep(2.0)
+        assert proc.poll() is None and workers[0].is_running()  # still solving (it takes minutes)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+        assert rc == 130 and elapsed < 3.0, (rc, elapsed)
+        assert "interrupted" in proc.stderr.read()
+        assert _outputs(out_dir) == []
+        assert not workers[0].is_running() or workers[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -66,3 +66,85 @@ def test_tokens_sha256_keeps_both_cache_key_framings():
         assert tokens_sha256(same, terminated=True) == terminated
     assert tokens_sha256(toks.reshape(3, 2)) != plain  # the shape is part of the key
     assert tokens_sha256(toks + 1) != plain
+
+
+def test_atomic_save_to_a_directory_names_it_and_leaves_nothing(tmp_path):
+    """Issue 17: ``--out DIR`` gave IsADirectoryError on the temporary file's name."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    with pytest.raises(IsADirectoryError, match=f"^{folder} is a directory"):
+        atomic_write_json(folder, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_write_json_can_keep_key_order(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"z": 1, "a": 2}, sort_keys=False)
+    assert (tmp_path / "a.json").read_text().index('"z"') < (tmp_path / "a.json").read_text().index('"a"')
+
+
+# --------------------------------------------------------------------------------------
+# featmatch._threads: torch threads for the CPUs that are available and free
+# --------------------------------------------------------------------------------------
+
+
+def test_thread_count_counts_available_cpus_that_are_not_busy(monkeypatch):
+    import psutil
+
+    from featmatch import _threads
+
+    monkeypatch.delenv("FEATMATCH_THREADS", raising=False)
+    monkeypatch.setattr(_threads, "available_cpus", lambda: [0, 1, 2, 3])
+    loads = {"now": [3.0, 99.0, 20.0, 100.0, 0.0, 0.0]}  # CPUs 4 and 5 are outside the affinity
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: loads["now"])
+    assert _threads.fitted_thread_count() == 2
+    loads["now"] = [100.0, 100.0, 90.0, 75.0]
+    assert _threads.fitted_thread_count() == 1  # never zero
+    monkeypatch.setenv("FEATMATCH_THREADS", "3")
+    assert _threads.fitted_thread_count() == 3
+    monkeypatch.setenv("FEATMATCH_THREADS", "two")
+    with pytest.raises(ValueError, match="FEATMATCH_THREADS must be a positive integer"):
+        _threads.fitted_thread_count()
+
+
+def test_available_cpus_is_the_affinity_mask():
+    import os
+
+    from featmatch._threads import available_cpus
+
+    assert available_cpus() == sorted(os.sched_getaffinity(0))
+
+
+def test_a_busy_cpu_is_seen_and_torch_threads_are_restored(monkeypatch):
+    """A real busy process pinned to one of our CPUs lowers the count (by one, when the
+    rest of the machine is idle); the previous torch setting comes back afterwards."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from featmatch._threads import fitted_thread_count, fitted_threads
+
+    monkeypatch.delenv("FEATMATCH_THREADS", raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = cpus[-1]
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, {pin})
+    )
+    try:
+        time.sleep(0.5)
+        load = psutil.cpu_percent(interval=0.3, percpu=True)
+        n = fitted_thread_count(sample_seconds=0.3)
+        assert 1 <= n <= len(cpus) - 1 or len(cpus) == 1
+        if len(cpus) > 1 and all(load[c] < 20 for c in cpus[:-1]):  # only meaningful on a quiet machine
+            assert n == len(cpus) - 1
+        before = torch.get_num_threads()
+        with fitted_threads(sample_seconds=0.1) as used:
+            assert torch.get_num_threads() == used >= 1
+        assert torch.get_num_threads() == before
+    finally:
+        hog.kill()
+        hog.wait()

@@ -22,6 +22,7 @@ RANKS = {
     "featmatch._io": 0,
     "featmatch._hooks": 0,
     "featmatch._progress": 0,
+    "featmatch._threads": 0,
     "featmatch.lm": 1,
     "featmatch.judging": 1,
     "featmatch.saes": 2,

@@ -35,13 +35,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from featmatch.chapters.claims import Claim, claim_threshold
+from featmatch.chapters.claims import Claim, chance_mean
 
 if TYPE_CHECKING:
     from featmatch.lm.activations import ActivationStats
     from featmatch.matching._matching import Matching
 
 __all__ = [
+    "SEED_LABEL",
+    "seed_saes",
+    "seed_ceiling_scores",
+    "ceiling_precondition",
+    "random_matchings",
+    "label_share",
     "MATCH_VARIANTS",
     "Pair",
     "adjacent_pairs",
@@ -331,6 +337,26 @@ def sample_features(
     return np.sort(idx).astype(np.int64)
 
 
+def random_matchings(matchings: Mapping[Pair, Matching], seed: int = 0) -> dict[Pair, Matching]:
+    """A seeded random one-to-one matching for every pair of ``matchings`` (the chance level of
+    any score or judge label of a matching); ``numpy.random.default_rng([seed, a, b])`` per pair."""
+    from featmatch.matching._matching import Matching
+
+    out: dict[Pair, Matching] = {}
+    for (a, b), m in matchings.items():
+        rng = np.random.default_rng([int(seed), int(a), int(b)])
+        n_a, n_b = m.n_a, m.n_b
+        perm = rng.permutation(n_b)[:n_a] if n_b >= n_a else np.concatenate([rng.permutation(n_b), -np.ones(n_a - n_b, int)])
+        out[(a, b)] = Matching(perm=perm, cost=np.full(n_a, np.nan), n_b=n_b, meta={"method": "random"})
+    return out
+
+
+def label_share(judged: pd.DataFrame, matching: str, label: int = 3) -> float:
+    """Share of the judged pairs of ``matching`` with ``label`` (3 = SAME); NaN without any."""
+    d = judged[judged["matching"] == matching].dropna(subset=["label"]) if len(judged) else judged
+    return float((d["label"].astype(float) == label).mean()) if len(d) else math.nan
+
+
 def judge_matched_pairs(
     judge: Any,
     source: Any,
@@ -419,19 +445,110 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
+#: Label offset of the same-layer control's SAEs in a statistics pass (keys of ``gather``
+#: are labels; each SAE reads its own hook), so that layer t's second seed is ``SEED_LABEL + t``.
+SEED_LABEL = 1000
+
+
+def seed_saes(sae_set: str, profile: str) -> dict[int, Any]:
+    """The zoo's same-layer control: layer -> the main set's SAE retrained with another seed.
+
+    Empty for SAE sets other than featmatch's zoo, or a zoo built without ``seed2`` layers.
+    """
+    if not sae_set.startswith("featmatch-"):
+        return {}
+    from featmatch.saes.zoo import get_profile, load_zoo_sae, manifest
+
+    try:
+        built = manifest(get_profile(profile)).get("saes", {}).get("seed2", {})
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {int(t): load_zoo_sae(profile, int(t), variant="seed2") for t in sorted(built, key=int)}
+
+
+def seed_ceiling_scores(model: Any, tokens: Any, saes: Mapping[int, Any], seeds: Mapping[int, Any],
+                        adjacent_scores: pd.DataFrame | None = None, *, min_fires: int = 1) -> pd.DataFrame:
+    """Matching score and correlation of each layer's SAE with its second seed (folded SAE
+    Match), beside the adjacent pair (t, t + 1) from ``adjacent_scores`` (a
+    :func:`featmatch.chapters.folding.score_table` with a ``"folded"`` variant).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``layer``, ``matching_score_seed``, ``correlation_seed``, ``matching_score_adjacent``,
+        ``correlation_adjacent``.
+    """
+    from featmatch.evaluation.metrics import activation_correlation, matching_score
+    from featmatch.lm.activations import gather
+    from featmatch.matching._matching import match
+
+    if not seeds:
+        return pd.DataFrame(columns=["layer", "matching_score_seed", "correlation_seed",
+                                     "matching_score_adjacent", "correlation_adjacent"])
+    both = {**{t: saes[t] for t in seeds}, **{SEED_LABEL + t: sae for t, sae in seeds.items()}}
+    pairs = [(t, SEED_LABEL + t) for t in seeds]
+    stats = gather(model, both, tokens, pairs=pairs, top_k=0, n_samples=0, cache=False, progress=False)
+    adj = None
+    if adjacent_scores is not None and len(adjacent_scores):
+        adj = adjacent_scores[adjacent_scores["variant"] == "folded"].set_index("layer_a")
+    rows = []
+    for t in seeds:
+        m = match(saes[t], seeds[t], **MATCH_VARIANTS["folded"])
+        row = {
+            "layer": t,
+            "matching_score_seed": matching_score(stats, t, SEED_LABEL + t, m, min_fires=min_fires).mean,
+            "correlation_seed": activation_correlation(stats, t, SEED_LABEL + t, m).mean,
+        }
+        for metric in ("matching_score", "correlation"):
+            row[f"{metric}_adjacent"] = float(adj.loc[t, metric]) if adj is not None and t in adj.index else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+#: The same-layer control must reach this matching score for cross-layer matching scores to be
+#: readable: below it, two seeds of *one* layer share fewer than half their features' firing,
+#: and a low cross-layer score says more about the SAEs than about the model.
+MIN_SEED_SCORE = 0.5
+
+
+def ceiling_precondition(ceiling: pd.DataFrame) -> dict[str, bool]:
+    """The precondition the same-layer control sets for cross-layer claims; none without a control."""
+    if ceiling is None or ceiling.empty:
+        return {}
+    m = float(ceiling["matching_score_seed"].mean())
+    return {f"same-layer ceiling matching score ≥ {MIN_SEED_SCORE} (two seeds of one layer: {m:.2f})": m >= MIN_SEED_SCORE}
+
+
 def claim_early_layer_drop(
     by_layer: pd.DataFrame, value: str, n_layers: int, *, layer: str = "layer_a", margin: float = 0.05,
     claim: str = "matching quality drops in the early layers", source: str = "SAE Match §5.3, Fig. 7",
+    chapter: str = "01", section: str = "", paper_value: str = "lower in the first third of the layers",
+    n_null: int = 200, seed: int = 0,
 ) -> Claim:
     r"""The early-layer drop: ``value`` is lower in the first third of the layers than later.
 
-    Rule: :math:`d = \overline{v}_{later} - \overline{v}_{early}` (split by
-    :func:`early_late_split`); held if :math:`d \ge` ``margin``, failed if :math:`d \le 0`.
+    Effect: median over later layers − median over early ones (split by
+    :func:`early_late_split`; medians because single layers can be extreme), bootstrap CI
+    resampling each group of layers; chance: the mean of the same difference with the
+    early/later labels shuffled. Tolerance ``margin``.
     """
-    early, late = early_late_split(by_layer[layer], n_layers)
-    e = by_layer.loc[by_layer[layer].isin(early), value].mean()
-    lt = by_layer.loc[by_layer[layer].isin(late), value].mean()
-    d = float(lt - e) if len(early) and len(late) else math.nan
-    c = claim_threshold(claim, source, d, f"mean later − mean early {value.replace('_', ' ')} (layers < {n_layers / 3:.0f} early)",
-                        held_at=margin, failed_at=0.0)
-    return Claim(c.claim, c.source, f"{c.ours}; early {e:.3f}, later {lt:.3f}", c.verdict)
+    from featmatch.chapters.claims import bootstrap_diff, make_claim, null_distribution
+
+    d = by_layer[[layer, value]].dropna()
+    early, late = early_late_split(d[layer], n_layers)
+    e = d.loc[d[layer].isin(early), value].to_numpy(float)
+    lt = d.loc[d[layer].isin(late), value].to_numpy(float)
+    est, lo, hi = bootstrap_diff(lt, e, np.median, seed=seed)
+    allv = np.concatenate([e, lt])
+
+    def shuffled(rng: np.random.Generator) -> float:
+        x = rng.permutation(allv)
+        return float(np.median(x[len(e):]) - np.median(x[: len(e)]))
+
+    chance = chance_mean(null_distribution(shuffled, n=n_null, seed=seed)) if len(e) and len(lt) else math.nan
+    return make_claim(
+        chapter=chapter, claim=claim, source=source, paper_value=paper_value, our_value=est,
+        effect=est - chance, ci=(lo - chance, hi - chance), chance=chance, n=len(allv), unit="layers",
+        tolerance=margin, effect_name="later − early (median)",
+        preconditions={"≥ 3 early and ≥ 3 later layers": len(e) >= 3 and len(lt) >= 3}, section=section,
+    )

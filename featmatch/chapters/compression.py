@@ -6,23 +6,26 @@ Everything the notebook computes beyond calls into :mod:`featmatch.circuits`,
 * :func:`load_circuit_setup`: the model, the SAEs of the chosen layers and held-out tokens,
   without (re)building SAEs of layers the notebook does not use.
 * :func:`pick_prompts`, :func:`linearisation_layers`: the prompts the graph aggregates and
-  the layers of the linearisation check.
-* :func:`semantic_ot_distance`, :func:`node_distances`, :func:`group_by_distance`: the
-  four node distances of an attribution graph and the supernodes they give.
+  the layers of a linearisation check.
+* :func:`node_rankings`, :func:`random_circuit_chance`, :func:`faithful_circuit`: node
+  rankings (linear, and exact for the top candidates) on the selection prompts, the chance
+  level of F, and the smallest circuit with F ≥ :data:`FAITHFUL_TARGET` on held-out prompts.
+* :func:`semantic_ot_distance`, :func:`node_distances`, :func:`group_by_distance`: the six
+  node distances of an attribution graph and the supernodes they give, all at the same
+  number of supernodes.
+* :func:`equal_budget_scores`, :func:`equal_budget_table`: faithfulness and task accuracy
+  kept by each grouping at one node budget, on held-out prompts.
 * :func:`graph_summary`, :func:`distance_agreement`, :func:`supernode_overview`: tables
-  about the graph, how the four node distances relate and the groupings.
-* :func:`describe_feature`, :func:`judge_chance_level`: the judge's texts and its level on
+  about the graph, how the node distances relate and the groupings.
+* :func:`describe_feature`, :func:`judge_chance_level`: judge texts and its level on
   random pairs.
 * :func:`comparison_table`: the paper's layout (methods as rows, the paper's "accuracy"
   beside featmatch's scores).
 * :func:`export_circuit`: the compressed graph as circuit-tracer / Neuronpedia JSON,
   reloaded and validated.
-* :func:`compared_scores`, :func:`score_outcomes`, :func:`compression_claims`: the rules
-  that turn numbers into the claims table's verdicts (through
-  :mod:`featmatch.chapters.claims`), with their thresholds as module constants.
+* :func:`compression_claims`, :func:`claims_summary`: the claims table (through
+  :mod:`featmatch.chapters.claims`) and its rendering for the closing section.
 * :class:`Stopwatch`: the notebook's lap timer.
-* :func:`plot_accuracy_by_format`, :func:`plot_faithfulness_curves`: figures that draw on a
-  given Axes.
 
 The paper (Cao, Do, Thai 2026, arXiv:2605.28567) reports one "accuracy" per method for
 compressing Neuronpedia circuits to about 10 % of their nodes without defining it; the
@@ -37,21 +40,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from featmatch.chapters.claims import Claim, verdict_outcomes, verdict_threshold
+from featmatch.chapters.claims import Claim, make_claim, null_distribution
 
 __all__ = [
     "METHOD_LABELS",
     "PAPER_ACCURACY",
     "SCORE_COLUMNS",
-    "COMPARED_SCORES",
-    "TIES",
-    "MIN_FAITHFULNESS",
-    "COMPRESSION_HELD",
-    "COMPRESSION_FAILED",
-    "LINEARISATION_HELD",
-    "LINEARISATION_FAILED",
-    "FAITHFUL_HELD",
-    "FAITHFUL_FAILED",
+    "FAITHFUL_TARGET",
+    "FAITHFUL_TOLERANCE",
+    "RANK_TOLERANCE",
+    "GROUPING_TOLERANCE",
+    "RERANK_TOLERANCE",
+    "SOURCE_PAPER",
+    "SOURCE_MARKS",
+    "SOURCE_ATP",
+    "SOURCE_OURS",
     "Stopwatch",
     "load_circuit_setup",
     "pick_prompts",
@@ -66,10 +69,13 @@ __all__ = [
     "supernode_overview",
     "comparison_table",
     "export_circuit",
-    "compared_scores",
-    "score_outcomes",
-    "paper_source",
+    "node_rankings",
+    "random_circuit_chance",
+    "faithful_circuit",
+    "equal_budget_scores",
+    "equal_budget_table",
     "compression_claims",
+    "claims_summary",
 ]
 
 #: Method keys used by the notebook -> labels in the paper's table.
@@ -77,7 +83,9 @@ METHOD_LABELS: dict[str, str] = {
     "semantic_ot": "Semantic OT",
     "decoder_cosine": "Feature Flow (decoder cosine)",
     "sae_match": "SAE Match",
+    "coactivation": "co-activation (train split)",
     "layer": "layer adjacency",
+    "edge_profile": "edge profile",
 }
 
 #: The paper's circuit-compression "accuracy" (undefined in the sources; PAPERS.md §2.6).
@@ -98,44 +106,28 @@ SCORE_COLUMNS: dict[str, tuple[str, bool, float]] = {
     "judge_mean": ("judge agreement (1-3)", True, 1.0),
 }
 
-#: The scores on which two grouping methods are compared (score -> higher is better), and
-#: the tolerance below which a difference counts as a tie. The compression ratio is equal
-#: by construction and node-level faithfulness does not depend on the grouping.
-COMPARED_SCORES: dict[str, bool] = {
-    "faithfulness_auc_supernodes": True,
-    "additivity_error": False,
-    "accuracy_auc_supernodes": True,
-    "judge_mean": True,
-}
-TIES: dict[str, float] = {
-    "faithfulness_auc_supernodes": 0.02,
-    "additivity_error": 0.02,
-    "accuracy_auc_supernodes": 0.02,
-    "judge_mean": 0.05,
-}
+#: The faithfulness a circuit must reach on held-out prompts (Marks et al. 2024 call a
+#: circuit faithful from about 0.8 on; issue 15's target).
+FAITHFUL_TARGET: float = 0.8
+#: Tolerance of "the chosen circuit is faithful": the effect is F minus the F of random node
+#: sets of the same size, and the claim needs F >= FAITHFUL_TARGET, so the tolerance is
+#: FAITHFUL_TARGET minus that chance level (computed per run; this is its floor).
+FAITHFUL_TOLERANCE: float = 0.05
+#: "Attribution patching ranks nodes as exact ablation does": Spearman ρ between linear and
+#: exact single-node effects above this counts as agreement (ρ = 0.5 shares a quarter of
+#: the rank variance; below it the top-n sets differ substantially).
+RANK_TOLERANCE: float = 0.5
+#: Faithfulness difference between two groupings (or rankings) at equal budgets that counts
+#: as better: 0.05 of the full circuit's effect, about the smallest difference the ~16
+#: held-out prompts resolve (the CI half-widths of F are 0.05-0.15 on the quick profile).
+GROUPING_TOLERANCE: float = 0.05
+#: Faithfulness gain of exact re-ranking over linear ranking that counts as better (same scale).
+RERANK_TOLERANCE: float = 0.05
 
-#: Whole-graph faithfulness below which the faithfulness and task-accuracy curves describe a
-#: circuit that does not carry the behaviour, so a "beats" claim compares only coherence
-#: and judge agreement (:func:`compared_scores`; featmatch's rule).
-MIN_FAITHFULNESS: float = 0.5
-
-#: "Circuits compress to about 10 % of their nodes" (paper §2.6): supernodes / nodes (error
-#: singletons included) at most this is *held* ...
-COMPRESSION_HELD: float = 0.15
-#: ... and at least this is *failed* (featmatch's band around the paper's "about 10 %").
-COMPRESSION_FAILED: float = 0.30
-
-#: "Node attributions predict the metric change" (featmatch issue 7): median relative error
-#: of the attribution-patching prediction at the smallest step, at most this is *held* ...
-LINEARISATION_HELD: float = 0.10
-#: ... and at least this is *failed*.
-LINEARISATION_FAILED: float = 0.30
-
-#: "The graph is faithful" (Marks et al. 2024, the faithfulness of Sparse Feature Circuits):
-#: faithfulness of the whole graph at least this is *held* ...
-FAITHFUL_HELD: float = 0.8
-#: ... and at most this is *failed* (the same level as :data:`MIN_FAITHFULNESS`).
-FAITHFUL_FAILED: float = 0.5
+SOURCE_PAPER = "Semantic OT (Cao, Do, Thai 2026), circuit compression"
+SOURCE_MARKS = "Marks et al. (2024) §3, faithfulness"
+SOURCE_ATP = "Kramár et al. (2024), AtP*"
+SOURCE_OURS = "featmatch (this book)"
 
 
 class Stopwatch:
@@ -336,38 +328,62 @@ def node_distances(
     ref: Any,
     method: str = "exact",
     seed: int = 0,
+    model: Any = None,
+    train_tokens: Any = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The four node distances of the chapter, keyed like :data:`METHOD_LABELS`.
+    """The node distances of the chapter, keyed like :data:`METHOD_LABELS`.
 
     ``semantic_ot`` (:func:`semantic_ot_distance`), ``decoder_cosine`` (Feature Flow),
-    ``sae_match`` (folded decoder MSE) and ``layer`` (layer adjacency), all in
-    ``graph.feature_nodes()`` order.
+    ``sae_match`` (folded decoder MSE), ``layer`` (layer adjacency), ``edge_profile``
+    (cosine of in- and out-edge weights, :func:`featmatch.circuits.edge_profile_distance`)
+    and, when ``model`` and ``train_tokens`` are given, ``coactivation`` (1 − Pearson
+    correlation on the train split, :func:`featmatch.circuits.coactivation_distance`); all
+    in ``graph.feature_nodes()`` order.
 
     Returns
     -------
     (dict str -> ndarray, list of str)
         The matrices and the feature nodes without activation samples.
     """
-    from featmatch.circuits import decoder_cosine_distance, layer_distance, sae_match_distance
+    from featmatch.circuits import (
+        coactivation_distance,
+        decoder_cosine_distance,
+        edge_profile_distance,
+        layer_distance,
+        sae_match_distance,
+    )
 
     D: dict[str, np.ndarray] = {}
     D["semantic_ot"], missing = semantic_ot_distance(graph, samples, ref, method=method, seed=seed)
     D["decoder_cosine"] = decoder_cosine_distance(graph, saes)
     D["sae_match"] = sae_match_distance(graph, saes)
+    if model is not None and train_tokens is not None:
+        D["coactivation"] = coactivation_distance(model, saes, graph, train_tokens)
     D["layer"] = layer_distance(graph)
+    D["edge_profile"] = edge_profile_distance(graph)
     return D, missing
 
 
-def group_by_distance(graph: Any, distances: Mapping[str, np.ndarray], fraction: float) -> dict[str, Any]:
+def group_by_distance(
+    graph: Any,
+    distances: Mapping[str, np.ndarray],
+    fraction: float | None = None,
+    n_clusters: int | None = None,
+) -> dict[str, Any]:
     """Supernodes of ``graph`` for every distance (:func:`featmatch.circuits.supernodes`).
 
-    Each grouping keeps about ``fraction`` feature supernodes per feature node and is named
-    by :data:`METHOD_LABELS`.
+    Every grouping gets the same number of feature supernodes (``n_clusters``, default
+    ``round(fraction * n_feature_nodes)``), so they are compared at equal budgets; each is
+    named by :data:`METHOD_LABELS`.
     """
     from featmatch.circuits import supernodes
 
+    n_feat = len(graph.feature_nodes())
+    if n_clusters is None:
+        n_clusters = max(1, int(round((0.1 if fraction is None else fraction) * n_feat)))
     return {
-        k: supernodes(graph, d, fraction=fraction, name=METHOD_LABELS.get(k, k)) for k, d in distances.items()
+        k: supernodes(graph, d, n_clusters=n_clusters, name=METHOD_LABELS.get(k, k))
+        for k, d in distances.items()
     }
 
 
@@ -545,6 +561,7 @@ def export_circuit(
     explainer: Any,
     n_layers: int,
     clerp_chars: int = 120,
+    task_name: str = "digit-addition",
 ) -> tuple[Any, pd.DataFrame, pd.DataFrame, list[list[str]]]:
     """Write the compressed graph as circuit-tracer / Neuronpedia JSON, reload and validate it.
 
@@ -588,7 +605,7 @@ def export_circuit(
         Path(path),
         graph,
         groups,
-        slug=f"featmatch-{model_name}-digit-addition",
+        slug=f"featmatch-{model_name}-{task_name}",
         scan=model_name,
         sae_ids=[f"{sae_set}:{L}" for L in graph.layers],
         prompt_tokens=[tokenizer.decode([int(t)]) for t in prompt],
@@ -602,168 +619,429 @@ def export_circuit(
     return json_path, nodes, links, supernodes
 
 
-# ----------------------------------------------------------------------------- verdicts
-def compared_scores(faithfulness_graph: float, min_faithfulness: float = MIN_FAITHFULNESS) -> dict[str, bool]:
-    """The scores a "beats" comparison may use, given the whole graph's faithfulness.
+# ----------------------------------------------------------------------------- faithful circuit
+def node_rankings(
+    model: Any,
+    saes: Mapping[int, Any],
+    select: Any,
+    means: Mapping[int, Any],
+    n_exact: int,
+    batch_size: int = 16,
+) -> tuple[pd.DataFrame, dict[str, list[tuple[int, int]]]]:
+    r"""Two node rankings from the selection prompts: linear, and exact for the top candidates.
 
-    When keeping the whole graph recovers less than ``min_faithfulness`` of the metric (or
-    the value is NaN), the faithfulness and task-accuracy curves measure a circuit that does
-    not carry the behaviour, so only coherence (additivity error) and judge agreement are
-    compared. Otherwise all of :data:`COMPARED_SCORES`.
-    """
-    f = float(faithfulness_graph)
-    if np.isfinite(f) and f >= min_faithfulness:
-        return dict(COMPARED_SCORES)
-    return {k: v for k, v in COMPARED_SCORES.items() if k in ("additivity_error", "judge_mean")}
-
-
-def score_outcomes(
-    summary: pd.DataFrame,
-    ours: str,
-    baseline: str,
-    scores: Mapping[str, bool] | None = None,
-    tol: Mapping[str, float] | float = TIES,
-) -> pd.DataFrame:
-    """Compare two methods score by score.
-
-    Parameters
-    ----------
-    summary : pandas.DataFrame
-        Indexed by method key, one column per score.
-    ours, baseline : str
-        Index keys of the two methods.
-    scores : mapping score -> higher_is_better, optional
-        Default :data:`COMPARED_SCORES`.
-    tol : float or mapping score -> float
-        Differences with ``|ours - baseline| <= tol`` are ties (default 0.02 for scores not
-        in the mapping).
+    ``linear`` orders every node (features and error nodes) by :math:`|\hat\delta(u)|`
+    (:func:`featmatch.circuits.linear_node_scores`). ``exact`` mean-ablates each of the
+    ``n_exact`` top linear candidates alone (:func:`featmatch.circuits.exact_node_effects`),
+    orders them by :math:`|\delta(u)|` and appends the remaining nodes in linear order: the
+    better estimate is spent where the budget is decided, on the top of the list.
 
     Returns
     -------
-    pandas.DataFrame
-        ``score, ours, baseline, difference`` (oriented so that positive favours ``ours``),
-        ``outcome`` in ``{"win", "loss", "tie", "n/a"}`` (n/a when either value is NaN).
+    (top, rankings)
+        ``top``: the ``n_exact`` candidates with ``node_id, layer, feature, kind, linear,
+        exact`` (means over the selection prompts); ``rankings``: name -> list of
+        ``(layer, feature)``.
     """
-    if scores is None:
-        scores = COMPARED_SCORES
-    rows = []
-    for key, higher in scores.items():
-        a, b = float(summary.loc[ours, key]), float(summary.loc[baseline, key])
-        t = float(tol.get(key, 0.02)) if isinstance(tol, Mapping) else float(tol)
-        diff = (a - b) if higher else (b - a)
-        if not (np.isfinite(a) and np.isfinite(b)):
-            outcome = "n/a"
-        elif diff > t:
-            outcome = "win"
-        elif diff < -t:
-            outcome = "loss"
+    from featmatch import circuits as C
+
+    nodes, _ = C.linear_node_scores(model, saes, select, means, batch_size=batch_size)
+    lin = nodes.sort_values(["abs_score", "layer", "feature"], ascending=[False, True, True])
+    order = list(zip(lin["layer"].astype(int), lin["feature"].astype(int), strict=False))
+    top = lin.head(int(n_exact))[["node_id", "layer", "feature", "kind"]].copy()
+    top["linear"] = lin.head(int(n_exact))["score"].to_numpy()
+    ex = C.exact_node_effects(model, saes, select, order[: int(n_exact)], means, batch_size=batch_size)
+    top["exact"] = ex.mean(0)
+    top = top.reset_index(drop=True)
+    ex_order = top.reindex(top["exact"].abs().sort_values(ascending=False, kind="stable").index)
+    head = list(zip(ex_order["layer"].astype(int), ex_order["feature"].astype(int), strict=False))
+    return top, {"linear": order, "exact top": head + order[int(n_exact) :]}
+
+
+def random_circuit_chance(
+    model: Any,
+    saes: Mapping[int, Any],
+    held_out: Any,
+    means: Mapping[int, Any],
+    pool: Sequence[tuple[int, int]],
+    n_nodes: int,
+    n_draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """F on the held-out prompts of ``n_draws`` random node sets of size ``n_nodes`` drawn
+    without replacement from ``pool`` (seeded): the null whose mean is the chance level of a
+    circuit's faithfulness. All draws run in one batched pass."""
+    from featmatch import circuits as C
+
+    pool = [(int(L), int(f)) for L, f in pool]
+    rng = np.random.default_rng(seed)
+    k = min(int(n_nodes), len(pool))
+    orders = {
+        f"random {i}": [pool[j] for j in rng.choice(len(pool), size=k, replace=False)]
+        for i in range(int(n_draws))
+    }
+    cur = C.faithfulness_curve(model, saes, held_out, orders, [k], means, batch_size=batch_size)
+    return cur.table["faithfulness"].to_numpy(dtype=float)
+
+
+def faithful_circuit(curve: Any, target: float = FAITHFUL_TARGET) -> tuple[str, int, pd.Series]:
+    """The smallest circuit of any ranking with F >= ``target`` on held-out prompts (else the
+    most faithful one): ``(ranking, n_nodes, row)`` (:func:`featmatch.circuits.smallest_faithful`)."""
+    from featmatch import circuits as C
+
+    row = C.smallest_faithful(curve, target=target)
+    return str(row["ranking"]), int(row["n_nodes"]), row
+
+
+def _supernode_prefixes(groups: Any, graph: Any, score: pd.Series) -> list[np.ndarray]:
+    """Cumulative node masks of a grouping: supernodes added whole, in order of ``|summed score|``."""
+    nodes = graph.nodes
+    s = score.reindex(nodes["node_id"]).fillna(0.0).to_numpy()
+    K = groups.n_supernodes
+    tot = np.array([s[groups.labels == k].sum() for k in range(K)])
+    out, mask = [], np.zeros(len(nodes), dtype=bool)
+    for k in np.argsort(-np.abs(tot), kind="stable"):
+        mask = mask | (groups.labels == k)
+        out.append(mask.copy())
+    return out
+
+
+def _bracket(prefixes: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """The largest prefix with at most ``budget`` nodes and the next one (the same when exact)."""
+    sizes = [int(m.sum()) for m in prefixes]
+    empty = np.zeros_like(prefixes[0])
+    lo = max((i for i, n in enumerate(sizes) if n <= budget), default=-1)
+    lo_mask = empty if lo < 0 else prefixes[lo]
+    if lo >= 0 and sizes[lo] == budget or lo + 1 >= len(prefixes):
+        return lo_mask, lo_mask
+    return lo_mask, prefixes[lo + 1]
+
+
+def equal_budget_scores(
+    model: Any,
+    saes: Mapping[int, Any],
+    held_out: Any,
+    graph: Any,
+    groups: Mapping[str, Any],
+    score: pd.Series,
+    means: Mapping[int, Any],
+    keep_fraction: float = 0.5,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Any:
+    r"""Faithfulness and task accuracy kept by each grouping at one node count, on held-out prompts.
+
+    Every grouping has the same number of supernodes. Each adds whole supernodes in order of
+    :math:`|\sum_{u\in S}\hat\delta(u)|` (``score``, from the selection prompts); every node
+    of the graph's layers outside the kept ones is mean-ablated. The budget
+    :math:`b` = ``round(keep_fraction * graph.n_nodes)`` rarely falls on a whole-supernode
+    boundary, so the two prefixes around it (:math:`s_- \le b < s_+` nodes) are measured
+    and each prompt's numerator :math:`m_p(C) - m_p(\varnothing)` (and its correctness) is
+    interpolated linearly to :math:`b` nodes: every grouping is compared at exactly
+    :math:`b` nodes, on its own supernode curve. The row ``nodes`` keeps the top :math:`b`
+    single nodes by :math:`|\hat\delta|`.
+
+    Returns
+    -------
+    featmatch.circuits.FaithfulnessCurve
+        ``table``: one row per grouping (``ranking`` = its key) with ``n_nodes`` = b,
+        ``faithfulness`` and CI, ``accuracy``, ``prefix_low``/``prefix_high`` (s₋, s₊);
+        ``per_prompt[(key, b)]`` the interpolated numerators, ``per_prompt["den"]``.
+    """
+    from featmatch import circuits as C
+
+    budget = max(1, int(round(keep_fraction * graph.n_nodes)))
+    ids = list(zip(graph.nodes["layer"].astype(int), graph.nodes["feature"].astype(int), strict=False))
+    orders, spans = {}, {}
+    for k, g in groups.items():
+        lo, hi = _bracket(_supernode_prefixes(g, graph, score), budget)
+        orders[f"{k}|lo"] = [u for u, m in zip(ids, lo, strict=False) if m]
+        orders[f"{k}|hi"] = [u for u, m in zip(ids, hi, strict=False) if m]
+        spans[k] = (int(lo.sum()), int(hi.sum()))
+    s = score.reindex(graph.nodes["node_id"]).fillna(0.0).abs().to_numpy()
+    orders["nodes|lo"] = [ids[i] for i in np.argsort(-s, kind="stable")[:budget]]
+    spans["nodes"] = (budget, budget)
+    big = max(len(o) for o in orders.values())
+    cur = C.faithfulness_curve(model, saes, held_out, orders, [big], means, batch_size=batch_size, seed=seed)
+    den = cur.per_prompt["den"]
+    rows, per = [], {"den": den}
+    for k, (a, b) in spans.items():
+        n_lo = cur.per_prompt[(f"{k}|lo", a)]
+        c_lo = cur.per_prompt[("correct", f"{k}|lo", a)]
+        if b > a:
+            w = (budget - a) / (b - a)
+            num = (1 - w) * n_lo + w * cur.per_prompt[(f"{k}|hi", b)]
+            cor = (1 - w) * c_lo + w * cur.per_prompt[("correct", f"{k}|hi", b)]
         else:
-            outcome = "tie"
-        rows.append({"score": key, "ours": a, "baseline": b, "difference": diff, "outcome": outcome})
-    return pd.DataFrame(rows, columns=["score", "ours", "baseline", "difference", "outcome"])
+            num, cor = n_lo, c_lo
+        f, lo_, hi_ = C.ratio_ci(num, den, seed=seed)
+        per[(k, budget)] = num
+        per[("correct", k, budget)] = cor
+        rows.append(
+            {
+                "ranking": k,
+                "n_nodes": budget,
+                "faithfulness": f,
+                "ci_low": lo_,
+                "ci_high": hi_,
+                "linear": np.nan,
+                "accuracy": float(np.mean(cor)),
+                "prefix_low": a,
+                "prefix_high": b,
+                "budget": budget,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table.attrs.update(cur.table.attrs)
+    return C.FaithfulnessCurve(table, per, orders)
 
 
-def paper_source(baseline: str) -> str:
-    """The source of "Semantic OT beats ``baseline``": paper §2.6 with its two accuracies.
-
-    Built from :data:`PAPER_ACCURACY`; a baseline the paper does not report is featmatch's.
-
-    Examples
-    --------
-    >>> paper_source("decoder_cosine")
-    'paper §2.6 (68.12 vs 66.55 GPT-2; 61.51 vs 53.49 Gemma)'
-    >>> paper_source("layer")
-    'featmatch (not in the paper)'
-    """
-    if baseline not in PAPER_ACCURACY:
-        return "featmatch (not in the paper)"
-    ours, base = PAPER_ACCURACY["semantic_ot"], PAPER_ACCURACY[baseline]
+def equal_budget_table(eq: Any, n_supernodes: Mapping[str, int]) -> pd.DataFrame:
+    """The equal-budget comparison for display: one row per grouping, labelled."""
+    t = eq.table.copy()
+    t["grouping"] = [METHOD_LABELS.get(k, "top single nodes" if k == "nodes" else k) for k in t["ranking"]]
+    t["supernodes"] = [n_supernodes.get(k, np.nan) for k in t["ranking"]]
+    cols = [
+        "grouping",
+        "supernodes",
+        "n_nodes",
+        "prefix_low",
+        "prefix_high",
+        "faithfulness",
+        "ci_low",
+        "ci_high",
+        "accuracy",
+    ]
     return (
-        f"paper §2.6 ({ours['GPT-2 small']:.2f} vs {base['GPT-2 small']:.2f} GPT-2; "
-        f"{ours['Gemma-2-2B']:.2f} vs {base['Gemma-2-2B']:.2f} Gemma)"
+        t[cols]
+        .rename(
+            columns={
+                "n_nodes": "nodes (budget)",
+                "prefix_low": "whole supernodes: nodes below",
+                "prefix_high": "nodes above",
+                "accuracy": "task accuracy kept",
+            }
+        )
+        .set_index("grouping")
     )
+
+
+def _spearman_ci(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman ρ with a percentile bootstrap interval over the paired units."""
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    rho = float(stats.spearmanr(a, b).statistic)
+    if len(a) < 4:
+        return rho, np.nan, np.nan
+
+    def stat(x, y, axis=-1):
+        rx = stats.rankdata(x, axis=axis)
+        ry = stats.rankdata(y, axis=axis)
+        rx = rx - rx.mean(axis=axis, keepdims=True)
+        ry = ry - ry.mean(axis=axis, keepdims=True)
+        den = np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (rx * ry).sum(axis=axis) / np.where(den > 0, den, 1), 0.0)
+
+    res = stats.bootstrap(
+        (a, b),
+        stat,
+        paired=True,
+        vectorized=True,
+        method="percentile",
+        n_resamples=2000,
+        random_state=np.random.default_rng(seed),
+    )
+    return rho, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def compression_claims(
-    summary: pd.DataFrame,
-    lin: pd.DataFrame,
-    n_nodes: int,
+    curve: Any,
+    choice: tuple[str, int, pd.Series],
+    chance_draws: np.ndarray,
+    top: pd.DataFrame,
+    eq: Any | None = None,
     shown: str = "semantic_ot",
-    baselines: Sequence[str] = ("decoder_cosine", "sae_match", "layer"),
-) -> tuple[list[Claim], pd.DataFrame]:
-    """The chapter's claims, each with its verdict computed from the numbers.
+    baselines: Sequence[str] = ("decoder_cosine", "sae_match", "coactivation", "layer", "edge_profile"),
+    chapter: str = "05",
+    seed: int = 0,
+    sections: Mapping[str, str] | None = None,
+) -> list[Claim]:
+    r"""The chapter's claims, each decided by :func:`featmatch.chapters.claims.decide`.
 
-    * "``shown`` beats baseline X": :func:`score_outcomes` on :func:`compared_scores` of the
-      whole graph's faithfulness, verdict by
-      :func:`featmatch.chapters.claims.verdict_outcomes`.
-    * Compression to about 10 %: supernodes / nodes, :func:`~featmatch.chapters.claims.verdict_threshold`
-      with :data:`COMPRESSION_HELD` / :data:`COMPRESSION_FAILED`.
-    * Linearisation: median relative error over the checked layers at the smallest step,
-      with :data:`LINEARISATION_HELD` / :data:`LINEARISATION_FAILED`.
-    * Faithful graph: faithfulness of the whole graph, with :data:`FAITHFUL_HELD` /
-      :data:`FAITHFUL_FAILED`.
+    1. **The chosen circuit is faithful** (Marks et al. 2024): effect :math:`F - F_{chance}`
+       with :math:`F_{chance}` the mean F of random node sets of the same size, CI the
+       bootstrap over held-out prompts shifted the same way; tolerance
+       :math:`\max(F^* - F_{chance},` :data:`FAITHFUL_TOLERANCE`:math:`)` with
+       :math:`F^*` = :data:`FAITHFUL_TARGET`, so *held* means the CI excludes chance and
+       F reaches the target, *failed* that the whole CI is below the target.
+    2. **Attribution patching ranks nodes as exact ablation does** (AtP, Kramár et al.
+       2024): Spearman ρ between linear and exact single-node effects of the top candidates,
+       CI over candidates; chance 0 (permutation null); tolerance :data:`RANK_TOLERANCE`.
+    3. **Exact re-ranking gives a more faithful circuit than linear ranking at the chosen
+       budget** (featmatch): paired difference of F over held-out prompts at the largest
+       budget where the two rankings keep different node sets (they differ only inside the
+       re-ranked head); tolerance :data:`RERANK_TOLERANCE`. Not testable (a tie) when no
+       budget differs.
+    4. **Semantic OT supernodes keep more faithfulness than baseline X at an equal number of
+       supernodes and nodes** (the paper's circuit-compression claim): paired difference of
+       F over held-out prompts (:func:`equal_budget_scores`), tolerance
+       :data:`GROUPING_TOLERANCE`; preconditions: the circuit is faithful and both are
+       measured at the same node count. A grouping whose supernodes straddle the budget
+       coarsely is read off a straight line between its two prefixes, which is what it
+       offers at that size (the prefixes are shown in :func:`equal_budget_table`).
 
-    Parameters
-    ----------
-    summary : pandas.DataFrame
-        :func:`featmatch.circuits.compare_methods` summary, indexed by method key, with
-        ``faithfulness_graph``, ``n_supernodes``, ``n_nodes`` and the compared scores.
-    lin : pandas.DataFrame
-        :func:`featmatch.circuits.linearisation_check` (``scale``, ``rel_error``).
-    n_nodes : int
-        Nodes of the graph (shown in the text).
-    shown : str
-        The method whose claims these are.
-    baselines : sequence of str
-        Method keys it is compared with.
-
-    Returns
-    -------
-    (list of Claim, pandas.DataFrame)
-        The claims, and the per-score outcomes (rows: scores; columns: baselines labelled by
-        :data:`METHOD_LABELS`).
+    ``sections`` maps ``"faithful"``, ``"ranking"`` and ``"groupings"`` to the notebook
+    headings that test them.
     """
-    claims, details = [], {}
-    f_graph = float(summary.loc[shown, "faithfulness_graph"])
-    scores = compared_scores(f_graph)  # faithfulness-based scores only when the graph is faithful
+    from featmatch import circuits as C
+
+    sec = dict(sections or {})
+    ranking, n, row = choice
+    den = curve.per_prompt["den"]
+    num = curve.per_prompt[(ranking, n)]
+    f, lo, hi = C.ratio_ci(num, den, seed=seed)
+    chance = float(np.mean(chance_draws)) if len(chance_draws) else 0.0
+    tol = max(FAITHFUL_TARGET - chance, FAITHFUL_TOLERANCE)
+    faithful_ok = bool(np.isfinite(f) and f >= FAITHFUL_TARGET)
+    claims = [
+        make_claim(
+            chapter=chapter,
+            claim=f"A digit-addition circuit of {n} nodes is faithful (F ≥ {FAITHFUL_TARGET:g}) on held-out prompts",
+            source=SOURCE_MARKS,
+            paper_value=f"F ≥ {FAITHFUL_TARGET:g} (target)",
+            our_value=f,
+            effect=f - chance,
+            ci=(lo - chance, hi - chance),
+            chance=chance,
+            n=len(den),
+            unit="held-out prompts",
+            tolerance=tol,
+            effect_name="F − F(random nodes)",
+            preconditions={"full-model effect m(full) − m(∅) > 0": bool(den.sum() > 0)},
+            section=sec.get("faithful", ""),
+        )
+    ]
+    rho, rlo, rhi = _spearman_ci(top["linear"].to_numpy(), top["exact"].to_numpy(), seed=seed)
+    perm = null_distribution(
+        lambda rng: float(
+            np.corrcoef(np.argsort(np.argsort(top["linear"])), rng.permutation(len(top)))[0, 1]
+        ),
+        n=200,
+        seed=seed,
+    )
+    claims.append(
+        make_claim(
+            chapter=chapter,
+            claim="Attribution patching ranks the top candidate nodes as exact mean-ablation does",
+            source=SOURCE_ATP,
+            paper_value="AtP approximates ablation effects; fails on saturated nodes",
+            our_value=rho,
+            effect=rho - float(perm.mean()),
+            ci=(rlo - float(perm.mean()), rhi - float(perm.mean())),
+            chance=float(perm.mean()),
+            n=len(top),
+            unit="candidate nodes",
+            tolerance=RANK_TOLERANCE,
+            effect_name="Spearman ρ",
+            section=sec.get("ranking", ""),
+        )
+    )
+    # the two rankings differ only inside the re-ranked head: compare at the largest budget
+    # where their node sets differ (none: a tie by construction)
+    differ = [
+        int(b)
+        for b in sorted(curve.table["n_nodes"].unique())
+        if ("linear", int(b)) in curve.per_prompt
+        and ("exact top", int(b)) in curve.per_prompt
+        and set(curve.orders["linear"][: int(b)]) != set(curve.orders["exact top"][: int(b)])
+    ]
+    n_cmp = differ[-1] if differ else n
+    if differ:
+        d, dlo, dhi = C.ratio_ci(
+            curve.per_prompt[("exact top", n_cmp)] - curve.per_prompt[("linear", n_cmp)], den, seed=seed
+        )
+    else:
+        d = dlo = dhi = 0.0
+    claims.append(
+        make_claim(
+            chapter=chapter,
+            claim=f"Exact re-ranking of the top candidates gives a more faithful {n_cmp}-node circuit than linear ranking",
+            source=SOURCE_OURS,
+            paper_value="—",
+            our_value=d,
+            effect=d,
+            ci=(dlo, dhi),
+            chance=0.0,
+            n=len(den),
+            unit="held-out prompts",
+            tolerance=RERANK_TOLERANCE,
+            effect_name="F(exact) − F(linear)",
+            tie=not differ,
+            section=sec.get("ranking", ""),
+        )
+    )
+    if eq is None:
+        return claims
+    t = eq.table.set_index("ranking")
+    kept = {k: int(t.loc[k, "n_nodes"]) for k in t.index}
     for base in baselines:
-        oc = score_outcomes(summary, shown, base, scores=scores)
-        details[METHOD_LABELS.get(base, base)] = oc.set_index("score")["outcome"]
-        won = ", ".join(f"{r.score} {r.outcome} ({r.ours:.3g} vs {r.baseline:.3g})" for r in oc.itertuples())
+        if shown not in t.index or base not in t.index:
+            continue
+        a, b = eq.per_prompt[(shown, kept[shown])], eq.per_prompt[(base, kept[base])]
+        d, dlo, dhi = C.ratio_ci(a - b, eq.per_prompt["den"], seed=seed)
+        close = kept[shown] == kept[base]
         claims.append(
-            Claim(
-                f"{METHOD_LABELS.get(shown, shown)} supernodes beat {METHOD_LABELS.get(base, base)}",
-                paper_source(base),
-                won,
-                verdict_outcomes(oc),
+            make_claim(
+                chapter=chapter,
+                claim=f"{METHOD_LABELS[shown]} supernodes keep more faithfulness than {METHOD_LABELS.get(base, base)} at equal budgets",
+                source=SOURCE_PAPER if base in PAPER_ACCURACY else SOURCE_OURS,
+                paper_value=_paper_value(shown, base),
+                our_value=d,
+                effect=d,
+                ci=(dlo, dhi),
+                chance=0.0,
+                n=len(eq.per_prompt["den"]),
+                unit="held-out prompts",
+                tolerance=GROUPING_TOLERANCE,
+                effect_name="ΔF",
+                preconditions={
+                    f"circuit F ≥ {FAITHFUL_TARGET:g} on held-out prompts": faithful_ok,
+                    "equal node counts": bool(close),
+                },
+                section=sec.get("groupings", ""),
             )
         )
-    ratio = summary.loc[shown, "n_supernodes"] / summary.loc[shown, "n_nodes"]
-    claims.append(
-        Claim(
-            "Circuits compress to about 10 % of their nodes",
-            "paper §2.6",
-            f"{summary.loc[shown, 'n_supernodes']} supernodes / {n_nodes} nodes = {ratio:.2f}",
-            verdict_threshold(float(ratio), COMPRESSION_HELD, COMPRESSION_FAILED),
-        )
+    return claims
+
+
+def _paper_value(shown: str, base: str) -> str:
+    """The paper's "accuracy" pair for ``shown`` vs ``base`` (GPT-2 small; Gemma-2-2B), or "—"."""
+    if shown not in PAPER_ACCURACY or base not in PAPER_ACCURACY:
+        return "—"
+    a, b = PAPER_ACCURACY[shown], PAPER_ACCURACY[base]
+    return (
+        f"accuracy {a['GPT-2 small']:.2f} vs {b['GPT-2 small']:.2f} (GPT-2), "
+        f"{a['Gemma-2-2B']:.2f} vs {b['Gemma-2-2B']:.2f} (Gemma); undefined metric"
     )
-    s_min = float(lin["scale"].min())
-    lin_err = float(lin.loc[lin["scale"] == s_min, "rel_error"].median())
-    claims.append(
-        Claim(
-            f"Node attributions predict the metric change (s = {s_min:g})",
-            "featmatch issue 7",
-            f"median relative error {lin_err:.3f} (s = 1: "
-            f"{float(lin.loc[lin['scale'] == 1.0, 'rel_error'].median()):.3f})",
-            verdict_threshold(lin_err, LINEARISATION_HELD, LINEARISATION_FAILED),
+
+
+def claims_summary(table: pd.DataFrame) -> str:
+    """Markdown bullet lines rendered from a claims table: claim, verdict, value and CI.
+
+    Used by the chapter's closing section so that no verdict is typed by hand.
+    """
+    lines = []
+    for r in table.itertuples():
+        ci = (
+            ""
+            if not (np.isfinite(r.ci_low) and np.isfinite(r.ci_high))
+            else f", effect CI [{r.ci_low:.2f}, {r.ci_high:.2f}]"
         )
-    )
-    claims.append(
-        Claim(
-            f"The {n_nodes}-node graph is faithful",
-            "Marks et al. 2024 (method)",
-            f"F(graph) = {f_graph:.3f}",
-            verdict_threshold(f_graph, FAITHFUL_HELD, FAITHFUL_FAILED),
-        )
-    )
-    return claims, pd.DataFrame(details)
+        why = f" ({r.precondition})" if r.verdict == "not testable" and r.precondition else ""
+        lines.append(f"* **{r.verdict}**: {r.claim} (ours {r.our_value:.3g}{ci}; chance {r.chance:.3g}){why}")
+    counts = table["verdict"].value_counts()
+    head = ", ".join(f"{int(v)} {k}" for k, v in counts.items())
+    return f"{len(table)} claims: {head}.\n\n" + "\n".join(lines)

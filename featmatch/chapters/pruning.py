@@ -20,14 +20,15 @@ References
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from featmatch.chapters.claims import Claim, claim_fraction, claim_threshold
-from featmatch.chapters.common import Pair, early_late_split, layers_at_depth, spearman
+from featmatch.chapters.claims import Claim, chance_mean
+from featmatch.chapters.common import Pair, early_late_split, layers_at_depth
 from featmatch.evaluation.transfer import transfer_scale
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ __all__ = [
     "METHOD_LABELS",
     "PAPER_HYBRID_FRACTIONS",
     "hybrid_layers",
-    "theta_table",
+    "theta_check_table",
+    "splice_quality",
+    "seed_ceiling_table",
     "hybrid_table",
     "l0_combinations",
     "l0_study",
@@ -47,7 +50,6 @@ __all__ = [
     "claim_pruning_cheap_later",
     "claim_early_shortfall",
     "claim_folding_improves_epd",
-    "claim_folding_improves_epd_min_theta",
     "claim_top1_beats_permutation",
     "claim_hybrid_cost_order",
     "claim_l0_mismatch",
@@ -68,8 +70,6 @@ METHOD_LABELS: dict[str, str] = {
 
 #: The paper's hybrid layers 3, 10 and 20 of Gemma-2-2B's 26, as fractions of the depth.
 PAPER_HYBRID_FRACTIONS: tuple[float, ...] = (3 / 26, 10 / 26, 20 / 26)
-
-_MIN_THETA_LABEL = "encode_permute_decode_folded_min_theta"
 
 
 def hybrid_layers(layers: Sequence[int], n_layers: int, fractions: Iterable[float] = PAPER_HYBRID_FRACTIONS) -> list[int]:
@@ -92,48 +92,40 @@ def hybrid_layers(layers: Sequence[int], n_layers: int, fractions: Iterable[floa
 # --------------------------------------------------------------------------------------
 
 
-def theta_table(
-    folded: Mapping[Pair, Matching],
-    guarded: Mapping[int, Matching],
-    saes: Mapping[int, Any],
-    sweep: pd.DataFrame,
-    sweep_guard: pd.DataFrame,
-) -> pd.DataFrame:
-    r"""Per evaluated layer: the near-zero-θ pairs dropped, the largest transfer scale, and three EVs.
+def theta_check_table(folded: Mapping[Pair, Matching], saes: Mapping[int, Any], rel: float = 0.01) -> pd.DataFrame:
+    r"""Per evaluated layer pair: how many thresholds are near zero, and the largest transfer scale.
 
-    Parameters
-    ----------
-    folded : mapping (t, t + 1) -> Matching
-        Folded SAE Match at each evaluated layer ``t`` (the rows, in this order).
-    guarded : mapping t -> Matching
-        The same with small-θ pairs unmatched
-        (:func:`featmatch.evaluation.transfer.drop_small_thresholds`).
-    saes : mapping layer -> SAE
-    sweep : pandas.DataFrame
-        The pruning sweep with ``encode_permute_decode_folded`` and ``..._unfolded``.
-    sweep_guard : pandas.DataFrame
-        The sweep of the guarded matchings, labelled ``encode_permute_decode_folded_min_theta``.
+    Folded transfer scales feature :math:`i` by :math:`\theta^B_{\pi(i)}/\theta^A_i`; a
+    near-zero :math:`\theta^A_i` turns that into a huge factor. A θ is *near zero* when it is
+    below ``rel`` times its layer's median θ (scale-free, so it applies to any SAE set). The
+    folding claims use "no near-zero θ" as a precondition instead of dropping features from
+    one method only.
 
     Returns
     -------
     pandas.DataFrame
-        ``layer``, ``pairs_dropped``, ``max_transfer_scale``
-        (:math:`\max_i \theta^B_{\pi(i)}/\theta^A_i`, :func:`featmatch.evaluation.transfer.transfer_scale`),
-        ``ev_folded``, ``ev_folded_min_theta``, ``ev_unfolded``.
+        ``layer``, ``near_zero_theta_a``, ``near_zero_theta_b``, ``min_theta_ratio_a``
+        (smallest θ over the layer's median), ``max_transfer_scale``
+        (:func:`featmatch.evaluation.transfer.transfer_scale`).
     """
-    layers = [t for (t, _) in folded]
-    table = pd.DataFrame(
-        {
-            "layer": layers,
-            "pairs_dropped": [guarded[t].meta["n_small_theta_dropped"] for t in layers],
-            "max_transfer_scale": [float(np.nanmax(transfer_scale(folded[(t, u)], saes[t], saes[u]))) for (t, u) in folded],
-        }
-    )
-    ev_all = pd.concat([sweep, sweep_guard]).pivot_table(index="layer", columns="method", values="ev")
-    for col, name in (("encode_permute_decode_folded", "ev_folded"), (_MIN_THETA_LABEL, "ev_folded_min_theta"),
-                      ("encode_permute_decode_unfolded", "ev_unfolded")):
-        table[name] = table["layer"].map(ev_all[col])
-    return table
+    from featmatch.evaluation.transfer import thetas
+    from featmatch.saes._sae import weights
+
+    def th(layer: int) -> np.ndarray:
+        return np.asarray(thetas(weights(saes[layer])), dtype=float)
+
+    rows = []
+    for (t, u), m in folded.items():
+        ta, tb = th(t), th(u)
+        med_a, med_b = float(np.median(ta)), float(np.median(tb))
+        rows.append({
+            "layer": t,
+            "near_zero_theta_a": int(np.sum(ta < rel * med_a)),
+            "near_zero_theta_b": int(np.sum(tb < rel * med_b)),
+            "min_theta_ratio_a": float(ta.min() / med_a) if med_a > 0 else math.nan,
+            "max_transfer_scale": float(np.nanmax(transfer_scale(m, saes[t], saes[u]))),
+        })
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -152,7 +144,8 @@ def hybrid_table(sweep: pd.DataFrame) -> pd.DataFrame:
     ends = d[(d["order"] == "cost") & d["q"].isin([0.0, 1.0])].assign(order="random")
     if (d["order"] == "random").any():
         d = pd.concat([d, ends], ignore_index=True)
-    return d[["layer", "q", "order", "delta_ce", "ev"]].sort_values(["layer", "order", "q"]).reset_index(drop=True)
+    cols = ["layer", "q", "order", "delta_ce", "ev"] + (["delta_ce_seq"] if "delta_ce_seq" in d else [])
+    return d[cols].sort_values(["layer", "order", "q"]).reset_index(drop=True)
 
 
 def l0_combinations(layers_l0b: Iterable[int]) -> list[tuple[int, str, str]]:
@@ -305,145 +298,272 @@ def early_layer_table(sweep: pd.DataFrame, l0_stats: ActivationStats) -> pd.Data
     return early
 
 
+def splice_quality(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluated layer: the ΔCE and EV of the SAE alone (encode-decode of the current
+    hidden state), beside layer drop and folded EPD — the SAE quality that the pruning
+    claims take as their precondition."""
+    p = sweep.pivot_table(index="layer", columns="method", values=["delta_ce", "ev"])
+    out = pd.DataFrame(index=p.index)
+    for col, label in (("encode_decode_current", "sae"), ("layer_drop", "drop"), ("encode_permute_decode_folded", "epd")):
+        for metric in ("delta_ce", "ev"):
+            if (metric, col) in p:
+                out[f"{metric}_{label}"] = p[(metric, col)]
+    return out.reset_index()
+
+
+def seed_ceiling_table(model: Any, tokens: Any, saes: Mapping[int, Any], seeds: Mapping[int, Any],
+                       sweep: pd.DataFrame, *, batch_size: int = 8) -> pd.DataFrame:
+    """The same-layer ceiling of encode–permute–decode, beside the adjacent-layer numbers.
+
+    For each layer t with a second-seed SAE (:func:`featmatch.chapters.common.seed_saes`):
+    ΔCE and EV of folded encode–permute–decode from the main SAE of t to its second seed
+    (:func:`featmatch.evaluation.pruning.same_layer_transfer`: nothing is pruned, only the
+    features exchanged), and, where the sweep evaluated layer t, the SAE splice alone, layer
+    drop and folded EPD to t + 1.
+    """
+    from featmatch.chapters.common import MATCH_VARIANTS
+    from featmatch.evaluation.pruning import same_layer_transfer
+    from featmatch.matching._matching import match
+
+    p = sweep.pivot_table(index="layer", columns="method", values="delta_ce") if len(sweep) else pd.DataFrame()
+    rows = []
+    for t, seed_sae in seeds.items():
+        r = same_layer_transfer(model, tokens, saes[t], seed_sae, match(saes[t], seed_sae, **MATCH_VARIANTS["folded"]),
+                                batch_size=batch_size)
+        row = {"layer": t, "delta_ce_same_layer_epd": r["delta_ce"], "ev_same_layer_epd": r["ev"]}
+        for col, name in (("encode_decode_current", "delta_ce_sae"), ("layer_drop", "delta_ce_drop"),
+                          ("encode_permute_decode_folded", "delta_ce_adjacent_epd")):
+            row[name] = float(p.loc[t, col]) if t in p.index and col in p.columns else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------------------
 # Claims
 # --------------------------------------------------------------------------------------
 
+CHAPTER = "03"
+SECTION_SWEEP = "ΔCE and EV per layer (Figs. 10, 11)"
+SECTION_THETA = "Folding and near-zero thresholds"
+SECTION_HYBRID = "The MSE-quantile hybrid (App. B, Figs. 16, 17)"
+SECTION_L0 = "Sparsity: the second-L0 SAEs (Fig. 14) and similar L0 across layers (Fig. 15)"
+SECTION_EARLY = "Early layers (Sec. 5.3)"
 
-def claim_pruning_cheap_later(sweep: pd.DataFrame, n_layers: int, extra: float = 0.1, bad: float = 0.5,
-                              method: str = "encode_permute_decode_folded") -> Claim:
+#: SAE quality that makes a pruning claim testable: the SAE's own splice costs at most this
+#: many nats, and explains at least :data:`MIN_SAE_EV` of the variance, at every layer used.
+MAX_SAE_DCE = 0.5
+MIN_SAE_EV = 0.6
+#: ΔCE tolerance (nats) of the pruning claims.
+DCE_TOL = 0.1
+
+
+def _seq(sweep: pd.DataFrame, method: str, layers: Sequence[int]) -> np.ndarray:
+    """Per sequence: the mean over ``layers`` of ``method``'s ΔCE (NaN array if missing)."""
+    rows = sweep[(sweep["method"] == method) & sweep["layer"].isin(list(layers))]
+    if rows.empty or "delta_ce_seq" not in rows:
+        return np.array([])
+    return np.mean(np.stack([np.asarray(x, dtype=float) for x in rows["delta_ce_seq"]]), axis=0)
+
+
+def sae_quality_ok(sweep: pd.DataFrame, layers: Sequence[int]) -> dict[str, bool]:
+    """The SAE-quality preconditions of the pruning claims at ``layers``."""
+    q = splice_quality(sweep).set_index("layer")
+    q = q.loc[[t for t in layers if t in q.index]]
+    if q.empty or "delta_ce_sae" not in q:
+        return {"SAE splices evaluated": False}
+    return {
+        f"SAE splice ΔCE ≤ {MAX_SAE_DCE} nats at every layer used (max {q['delta_ce_sae'].max():.2f})":
+            bool((q["delta_ce_sae"] <= MAX_SAE_DCE).all()),
+        f"SAE EV ≥ {MIN_SAE_EV} at every layer used (min {q['ev_sae'].min():.2f})": bool((q["ev_sae"] >= MIN_SAE_EV).all()),
+    }
+
+
+def claim_pruning_cheap_later(sweep: pd.DataFrame, n_layers: int, *, extra: float = DCE_TOL,
+                              method: str = "encode_permute_decode_folded") -> list[Claim]:
     """Sec. 5.5 / Fig. 10: pruning with matched features costs little in the later layers.
 
-    The cost of pruning beyond the SAE's own reconstruction error is
-    ``ΔCE(method) − ΔCE(encode_decode_current)`` at the same layer. Rule: its median over the
-    later layers (see :func:`featmatch.chapters.common.early_late_split`); held if
-    ``<= extra`` nats, failed if ``>= bad`` nats.
+    Row 1: the cost beyond the SAE's own error, per sequence the mean over the later layers of
+    ΔCE(``method``) − ΔCE(encode-decode current); effect = ``extra`` − that cost (positive:
+    cheaper than ``extra`` nats), tolerance 0.02 nats. Row 2: against simply dropping the
+    block: ΔCE(layer drop) − ΔCE(``method``) per sequence, tolerance :data:`DCE_TOL`; positive
+    means matched pruning beats skipping the block. Both resample sequences; both take SAE
+    quality as a precondition (:func:`sae_quality_ok`).
     """
-    p = sweep.pivot_table(index="layer", columns="method", values="delta_ce")
-    _, late = early_late_split(p.index, n_layers)
-    if method not in p or "encode_decode_current" not in p or not late:
-        return Claim("pruning a later layer with matched features costs little", "SAE Match §5.5, Figs. 10, 11", "not run", "not tested")
-    x = (p.loc[late, method] - p.loc[late, "encode_decode_current"]).median()
-    raw = p.loc[late, method].median()
-    c = claim_threshold("pruning a later layer with matched features costs little", "SAE Match §5.5, Figs. 10, 11", float(x),
-                        "median over later layers of ΔCE(folded EPD) − ΔCE(encode-decode current), nats",
-                        held_at=extra, failed_at=bad, fmt=".3f")
-    return Claim(c.claim, c.source, f"{c.ours}; raw median ΔCE {raw:.3f}", c.verdict)
+    from featmatch.chapters.claims import claim_from_samples, make_claim
+
+    layers = sorted(set(sweep["layer"]))
+    _, late = early_late_split(layers, n_layers)
+    pre = sae_quality_ok(sweep, late)
+    epd, sae, drop = _seq(sweep, method, late), _seq(sweep, "encode_decode_current", late), _seq(sweep, "layer_drop", late)
+    cost = epd - sae if epd.size and sae.size else np.array([])
+    from featmatch.chapters.claims import bootstrap_ci
+
+    est, lo, hi = bootstrap_ci(cost)
+    rows = [make_claim(
+        chapter=CHAPTER, claim="pruning a later layer with matched features costs little beyond the SAE's own error",
+        source="SAE Match §5.5, Figs. 10, 11", paper_value="small ΔCE in the later layers",
+        our_value=est, effect=extra - est, ci=(extra - hi, extra - lo), chance=math.nan, n=int(cost.size),
+        unit="sequences (mean over later layers)", tolerance=0.02, effect_name=f"{extra:g} − extra ΔCE",
+        preconditions={**pre, "later layers evaluated": bool(late)}, section=SECTION_SWEEP,
+    )]
+    rows.append(claim_from_samples(
+        drop - epd if drop.size and epd.size else np.array([]), chance=0.0, chapter=CHAPTER,
+        claim="matched pruning beats dropping the block (later layers)",
+        source="SAE Match §5.5, Fig. 10 (layer drop: featmatch's baseline)",
+        paper_value="pruning with matched features is cheap", unit="sequences (mean over later layers)",
+        tolerance=DCE_TOL, effect_name="ΔCE(drop) − ΔCE(EPD)", preconditions=pre, section=SECTION_SWEEP,
+    ))
+    return rows
 
 
-def claim_early_shortfall(early: pd.DataFrame, n_layers: int) -> Claim:
+def claim_early_shortfall(early: pd.DataFrame, n_layers: int, *, tolerance: float = 0.05) -> Claim:
     """Sec. 5.5 / Fig. 11: in the early layers folded EPD explains less than encode-decode previous.
 
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` of the layers below
-    ``n_layers / 3`` whose ``ev_shortfall`` (:func:`early_layer_table`) is positive; a NaN
-    shortfall counts as no success.
+    Effect: mean ``ev_shortfall`` (:func:`early_layer_table`) over the layers below
+    ``n_layers / 3``, bootstrap CI over those layers, chance 0, tolerance ``tolerance`` EV.
     """
-    return claim_fraction("in early layers matching explains less than encode-decode previous", "SAE Match §5.5, Fig. 11",
-                          [float(x > 0) for x in early.loc[early["layer"] < n_layers / 3, "ev_shortfall"]],
-                          "early layers with EV(folded EPD) < EV(encode-decode previous)")
+    from featmatch.chapters.claims import claim_from_samples
+
+    x = early.loc[early["layer"] < n_layers / 3, "ev_shortfall"].to_numpy(float)
+    return claim_from_samples(
+        x, chance=0.0, chapter=CHAPTER, claim="in early layers matching explains less than encode-decode previous",
+        source="SAE Match §5.5, Fig. 11", paper_value="EV(folded EPD) < EV(encode-decode previous) early",
+        unit="early layers", tolerance=tolerance, effect_name="EV shortfall",
+        preconditions={"≥ 3 early layers": int(np.sum(~np.isnan(x))) >= 3}, section=SECTION_EARLY,
+    )
 
 
-def _wins(a: Iterable[float], b: Iterable[float]) -> list[float]:
-    """``1.0`` where ``a > b`` else ``0.0`` (NaN on either side is a loss, not a missing case)."""
-    return [float(x > y) for x, y in zip(a, b, strict=True)]
+def claim_folding_improves_epd(sweep: pd.DataFrame, theta: pd.DataFrame, *, a: str = "encode_permute_decode_unfolded",
+                               b: str = "encode_permute_decode_folded", claim: str = "folding improves encode-permute-decode (ΔCE)",
+                               paper_value: str = "folded EPD has lower ΔCE than unfolded") -> Claim:
+    """Fig. 11: folding improves encode-permute-decode, on ΔCE per sequence.
 
-
-def claim_folding_improves_epd(sweep: pd.DataFrame) -> Claim:
-    """Fig. 11: folding improves encode-permute-decode (EV).
-
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` of evaluated layers where
-    EV(folded EPD) > EV(unfolded EPD); a NaN EV counts as no success.
+    Effect: ΔCE(``a``) − ΔCE(``b``) per sequence, averaged over every evaluated layer
+    (positive: ``b`` is better), tolerance :data:`DCE_TOL`. Preconditions: no near-zero θ
+    at the evaluated layers (:func:`theta_check_table`) and SAE quality. Identical ΔCE for
+    every sequence (ReLU SAEs, where folding is the identity) reads not testable (a tie).
     """
-    ev = sweep.pivot_table(index="layer", columns="method", values="ev")
-    return claim_fraction("folding improves encode-permute-decode (EV)", "SAE Match Fig. 11",
-                          _wins(ev["encode_permute_decode_folded"], ev["encode_permute_decode_unfolded"]),
-                          "layers with EV(folded EPD) > EV(unfolded EPD)")
+    from featmatch.chapters.claims import claim_from_samples
+
+    layers = sorted(set(sweep["layer"]))
+    xa, xb = _seq(sweep, a, layers), _seq(sweep, b, layers)
+    d = xa - xb if xa.size and xb.size else np.array([])
+    tie = bool(d.size) and bool(np.all(d == 0))
+    near = int(theta[["near_zero_theta_a", "near_zero_theta_b"]].to_numpy().sum()) if len(theta) else 0
+    return claim_from_samples(
+        d, chance=0.0, tie=tie, chapter=CHAPTER, claim=claim, source="SAE Match §5.5, Fig. 11", paper_value=paper_value,
+        unit="sequences (mean over evaluated layers)", tolerance=DCE_TOL, effect_name="ΔCE difference",
+        preconditions={f"no near-zero θ at the evaluated layers ({near} found)": near == 0, **sae_quality_ok(sweep, layers)},
+        section=SECTION_THETA,
+    )
 
 
-def claim_folding_improves_epd_min_theta(theta: pd.DataFrame, min_theta: float) -> Claim:
-    """Fig. 11 with the near-zero-θ pairs dropped: folded EPD beats unfolded EPD on EV.
+def claim_top1_beats_permutation(sweep: pd.DataFrame, *, tolerance: float = DCE_TOL) -> Claim:
+    """Feature Flow: the many-to-one top-1 decoder-cosine transfer beats the permutation.
 
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` of rows of :func:`theta_table`
-    with ``ev_folded_min_theta > ev_unfolded``; a NaN EV counts as no success.
+    Effect: ΔCE(folded EPD) − ΔCE(top-1 cosine) per sequence, averaged over the evaluated
+    layers, tolerance :data:`DCE_TOL` (ΔCE rather than EV: it has a per-sequence unit).
     """
-    return claim_fraction(f"folding improves encode-permute-decode (EV), pairs with θ < {min_theta:g} dropped", "SAE Match Fig. 11",
-                          _wins(theta["ev_folded_min_theta"], theta["ev_unfolded"]),
-                          "layers with EV(folded EPD, small θ dropped) > EV(unfolded EPD)")
+    from featmatch.chapters.claims import claim_from_samples
+
+    layers = sorted(set(sweep["layer"]))
+    a, b = _seq(sweep, "encode_permute_decode_folded", layers), _seq(sweep, "top1_cosine_folded", layers)
+    return claim_from_samples(
+        a - b if a.size and b.size else np.array([]), chance=0.0, chapter=CHAPTER,
+        claim="top-1 cosine transfer beats the permutation (ΔCE)", source="Feature Flow (Laptev et al. 2025) §4",
+        paper_value="top-1 transfer explains more than a one-to-one map", unit="sequences (mean over evaluated layers)",
+        tolerance=tolerance, effect_name="ΔCE(EPD) − ΔCE(top-1)", preconditions=sae_quality_ok(sweep, layers),
+        section=SECTION_SWEEP,
+    )
 
 
-def claim_top1_beats_permutation(sweep: pd.DataFrame, metric: str = "ev") -> Claim:
-    """Feature Flow: many-to-one top-1 decoder cosine gives better EV than the permutation.
-
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` of evaluated layers where ``ev``
-    of the top-1 transfer exceeds that of folded encode-permute-decode.
-    """
-    p = sweep.pivot_table(index="layer", columns="method", values=metric)
-    a, b = "top1_cosine_folded", "encode_permute_decode_folded"
-    if a not in p or b not in p:
-        return Claim("top-1 cosine beats permutations on EV", "Feature Flow (Laptev et al. 2025)", "not run", "not tested")
-    return claim_fraction("top-1 cosine beats permutations on EV", "Feature Flow (Laptev et al. 2025)",
-                          (p[a] > p[b]).where(p[[a, b]].notna().all(axis=1)), "layers with EV(top-1 cosine) > EV(folded EPD)")
-
-
-def claim_hybrid_cost_order(hybrid: pd.DataFrame) -> Claim:
+def claim_hybrid_cost_order(hybrid: pd.DataFrame, *, tolerance: float = DCE_TOL) -> Claim:
     """App. B: features of low MSE transfer better, so MSE reflects similarity.
 
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` of (layer, ``0 < q < 1``) cells
-    where the hybrid that sends the lowest-cost features through the next decoder has a
-    higher EV than the same hybrid with randomly chosen features.
+    Per (layer, ``0 < q < 1``) cell and sequence: ΔCE(random-ordered hybrid) − ΔCE(cost-ordered
+    hybrid); the unit is the sequence, averaged over cells. Chance 0 (the random order is the
+    null). Tolerance :data:`DCE_TOL` nats.
     """
+    from featmatch.chapters.claims import claim_from_samples
+
     d = hybrid[(hybrid["q"] > 0) & (hybrid["q"] < 1)]
-    p = d.pivot_table(index=["layer", "q"], columns="order", values="ev")
-    if "random" not in p or "cost" not in p:
-        return Claim("low-MSE matches transfer better (MSE reflects similarity)", "SAE Match App. B, Figs. 16, 17", "not run", "not tested")
-    return claim_fraction("low-MSE matches transfer better (MSE reflects similarity)", "SAE Match App. B, Figs. 16, 17",
-                          (p["cost"] > p["random"]).where(p[["cost", "random"]].notna().all(axis=1)),
-                          "(layer, q) cells with EV(cost-ordered hybrid) > EV(random-ordered)")
+    diffs = []
+    for (_t, _q), g in d.groupby(["layer", "q"]):
+        r, c = g[g["order"] == "random"], g[g["order"] == "cost"]
+        if len(r) and len(c) and "delta_ce_seq" in g:
+            diffs.append(np.asarray(r["delta_ce_seq"].iloc[0], float) - np.asarray(c["delta_ce_seq"].iloc[0], float))
+    x = np.mean(np.stack(diffs), axis=0) if diffs else np.array([])
+    return claim_from_samples(
+        x, chance=0.0, chapter=CHAPTER, claim="low-MSE matches transfer better than random ones (cost-ordered hybrid)",
+        source="SAE Match App. B, Figs. 16, 17", paper_value="cost order beats random order at every q",
+        unit="sequences (mean over (layer, q) cells)", tolerance=tolerance, effect_name="ΔCE(random) − ΔCE(cost)",
+        preconditions={"≥ 1 (layer, q) cell": bool(diffs)}, section=SECTION_HYBRID,
+    )
 
 
-def claim_l0_mismatch(study: pd.DataFrame, method: str = "encode_permute_decode_folded", metric: str = "ev") -> Claim:
+def claim_l0_mismatch(study: pd.DataFrame, method: str = "encode_permute_decode_folded", *, tolerance: float = DCE_TOL) -> Claim:
     """Sec. 5.3 / Fig. 15: matching works better between SAEs of similar L0.
 
-    Rule: for each layer and each SAE A, compare the same-L0 partner (same variant) with the
-    other-L0 partner; :func:`~featmatch.chapters.claims.claim_fraction` of comparisons where
-    the same-L0 pair has the higher ``metric``.
+    Per (layer, SAE A): ΔCE(other-L0 partner) − ΔCE(same-L0 partner) per sequence; the unit is
+    the sequence, averaged over the comparisons.
     """
+    from featmatch.chapters.claims import claim_from_samples
+
     d = study[study["method"] == method]
-    wins = []
+    diffs = []
     for (_t, va), g in d.groupby(["layer", "variant_a"]):
-        same = g.loc[g["variant_b"] == va, metric]
-        other = g.loc[g["variant_b"] != va, metric]
-        if len(same) and len(other):
-            wins.append(float(same.iloc[0] > other.iloc[0]))
-    return claim_fraction("matching works better between SAEs of similar L0", "SAE Match §5.3, Fig. 15", wins,
-                          f"comparisons where the same-L0 partner gives higher {metric.upper()} for {METHOD_LABELS.get(method, method)}")
+        same, other = g[g["variant_b"] == va], g[g["variant_b"] != va]
+        if len(same) and len(other) and "delta_ce_seq" in g:
+            diffs.append(np.asarray(other["delta_ce_seq"].iloc[0], float) - np.asarray(same["delta_ce_seq"].iloc[0], float))
+    x = np.mean(np.stack(diffs), axis=0) if diffs else np.array([])
+    return claim_from_samples(
+        x, chance=0.0, chapter=CHAPTER, claim="matching works better between SAEs of similar L0",
+        source="SAE Match §5.3, Fig. 15", paper_value="same-L0 pairs prune better", unit="sequences (mean over comparisons)",
+        tolerance=tolerance, effect_name="ΔCE(other L0) − ΔCE(same L0)", preconditions={"≥ 1 comparison": bool(diffs)},
+        section=SECTION_L0,
+    )
 
 
-def claim_higher_l0(study: pd.DataFrame) -> Claim:
-    """Fig. 14 left: higher-L0 (denser) SAEs give a lower ΔCE for every method.
+def claim_higher_l0(study: pd.DataFrame, *, tolerance: float = DCE_TOL) -> Claim:
+    """Fig. 14 left: higher-L0 (denser) SAEs give a lower ΔCE.
 
-    Rule: :func:`~featmatch.chapters.claims.claim_fraction` over (layer, method) of same-L0
-    pairs where the denser pair has the lower ΔCE.
+    Per (layer, method) among same-L0 pairs: ΔCE(sparser pair) − ΔCE(denser pair) per sequence,
+    averaged over the cells.
     """
+    from featmatch.chapters.claims import claim_from_samples
+
     d = study[study["same_l0"]]
-    wins = []
+    diffs = []
     for (_t, _m), g in d.groupby(["layer", "method"]):
-        if len(g) >= 2:
+        if len(g) >= 2 and "delta_ce_seq" in g:
             g = g.sort_values("l0_a")
-            wins.append(float(g["delta_ce"].iloc[-1] < g["delta_ce"].iloc[0]))
-    return claim_fraction("denser SAEs (higher L0) give lower ΔCE", "SAE Match App. A, Fig. 14", wins,
-                          "(layer, method) cells where the higher-L0 pair has lower ΔCE")
+            diffs.append(np.asarray(g["delta_ce_seq"].iloc[0], float) - np.asarray(g["delta_ce_seq"].iloc[-1], float))
+    x = np.mean(np.stack(diffs), axis=0) if diffs else np.array([])
+    return claim_from_samples(
+        x, chance=0.0, chapter=CHAPTER, claim="denser SAEs (higher L0) give lower ΔCE", source="SAE Match App. A, Fig. 14",
+        paper_value="ΔCE falls as L0 rises", unit="sequences (mean over (layer, method) cells)", tolerance=tolerance,
+        effect_name="ΔCE(sparser) − ΔCE(denser)", preconditions={"≥ 1 cell": bool(diffs)}, section=SECTION_L0,
+    )
 
 
-def claim_l0_explains_early(l0_gap: Sequence[float], quality_gap: Sequence[float]) -> Claim:
+def claim_l0_explains_early(l0_gap: Sequence[float], quality_gap: Sequence[float], *, tolerance: float = 0.3) -> Claim:
     """Sec. 5.3: the early-layer drop is explained by L0 differences between adjacent SAEs.
 
-    ``l0_gap`` is the relative L0 difference of each adjacent pair and ``quality_gap`` the
-    shortfall of matching there (e.g. EV(encode-decode previous) − EV(folded EPD), both from
-    :func:`early_layer_table`). Rule: Spearman correlation across layers; held if ``>= 0.5``,
-    failed if ``<= 0``.
+    Spearman ρ(relative L0 gap, EV shortfall) over the evaluated layers, bootstrap CI over
+    layers, chance from shuffled layers; tolerance ``tolerance``.
     """
-    rho = spearman(l0_gap, quality_gap)
-    return claim_threshold("the early-layer drop comes from L0 differences between adjacent SAEs", "SAE Match §5.3, Fig. 15",
-                           rho, "Spearman ρ(|ΔL0| / L0, EV shortfall of folded EPD vs encode-decode previous) over layers",
-                           held_at=0.5, failed_at=0.0, fmt=".2f")
+    from scipy.stats import spearmanr
+
+    from featmatch.chapters.claims import bootstrap_corr, make_claim, null_distribution
+
+    x, y = np.asarray(l0_gap, float), np.asarray(quality_gap, float)
+    rho, lo, hi = bootstrap_corr(x, y, method="spearman")
+    ok = ~(np.isnan(x) | np.isnan(y))
+    chance = (chance_mean(null_distribution(lambda rng: spearmanr(rng.permutation(x[ok]), y[ok]).statistic, n=200))
+              if ok.sum() >= 4 else math.nan)
+    return make_claim(
+        chapter=CHAPTER, claim="the early-layer drop comes from L0 differences between adjacent SAEs",
+        source="SAE Match §5.3, Fig. 15", paper_value="larger L0 gaps, worse matching", our_value=rho,
+        effect=rho - chance, ci=(lo - chance, hi - chance), chance=chance, n=int(ok.sum()), unit="layers",
+        tolerance=tolerance, effect_name="ρ − chance", preconditions={"≥ 6 layers": int(ok.sum()) >= 6}, section=SECTION_EARLY,
+    )

@@ -9,16 +9,23 @@ Everything the notebook computes beyond calling :mod:`featmatch.semantic`,
   result as :func:`featmatch.semantic.reference_coordinates`, called once per space), and
   :func:`comparison_spaces`, the spaces the chapter compares;
 * :func:`feature_distributions`, :func:`distribution_summary`, :func:`semantic_matchings`,
-  :func:`pair_matchings`: the feature distributions and the four matchings of a pair;
-* :func:`method_scores`, :func:`method_scores_wide`, :func:`judge_sample`,
-  :func:`judge_pairs`, :func:`judge_table`: per pair and method, matching score,
-  activation correlation and the judge's mean label;
-* :func:`reference_space_table`: Semantic OT on one pair in every reference space;
+  :func:`pair_matchings`: the feature distributions and the eight matchings of a pair
+  (Semantic OT, Feature Flow, SAE Match and the data-driven co-activation baseline, each as
+  a one-to-one assignment and as a many-to-one top-1, :data:`FORMS`);
+* :func:`method_scores`, :func:`feature_scores`, :func:`chance_scores`,
+  :func:`method_scores_wide`: per pair and method, matching score and activation
+  correlation on one common feature set, with bootstrap CIs and the chance level of random
+  matchings; :func:`judge_sample`, :func:`judge_pairs`, :func:`judge_table`: the judge;
+* :func:`nearest_recall`: recall@1 / recall@k of :func:`featmatch.semantic.nearest` against
+  the exact top-k;
+* :func:`reference_space_table`: Semantic OT on one pair in every reference space, on one
+  feature set;
 * :data:`PAPER_JUDGE` and :func:`paper_layout`: the paper's LLM-judge table with our row
   beside each of its pairs;
-* :func:`beats`, :func:`semantic_ot_claims`, :func:`win_summary`: the rules that turn numbers
-  into claim verdicts (through :mod:`featmatch.chapters.claims`; never hard-coded in the
-  notebook), with the goal :data:`SPEARMAN_GOAL`;
+* :func:`comparison_claims`, :func:`judge_claims`, :func:`recall_claim`,
+  :func:`space_claim`: the claims, each with an effect, a CI over its units, a chance level
+  and a verdict from :mod:`featmatch.chapters.claims` (never typed in the notebook);
+  :func:`win_summary` and :func:`outcome_summary` render the prose's lists from the table;
 * :func:`disagreements`, :func:`disagreement_report`: features of A that two methods match
   differently, ranked and shown with their contexts;
 * plotting functions (``plot_*``) that draw on a given :class:`matplotlib.axes.Axes`.
@@ -37,7 +44,7 @@ import pandas as pd
 import torch
 
 from featmatch._io import tokens_sha256
-from featmatch.chapters.claims import Claim, verdict_all
+from featmatch.chapters.claims import Claim, bootstrap_ci, make_claim, null_distribution
 from featmatch.evaluation.metrics import activation_correlation, matching_score
 from featmatch.semantic import reference_hook
 
@@ -46,7 +53,13 @@ __all__ = [
     "PAPER_METHODS",
     "BASELINES",
     "PAPER_JUDGE",
-    "SPEARMAN_GOAL",
+    "FORMS",
+    "DATA_BASELINE",
+    "SCORE_TOLERANCE",
+    "MIN_FEATURES",
+    "JUDGE_TOLERANCE",
+    "RECALL_GOAL",
+    "RECALL_TOLERANCE",
     "paper_pairs",
     "pair_kind",
     "resolve_pairs",
@@ -68,7 +81,15 @@ __all__ = [
     "reference_space_table",
     "beats",
     "by_pair_text",
-    "semantic_ot_claims",
+    "common_features",
+    "feature_scores",
+    "chance_scores",
+    "nearest_recall",
+    "comparison_claims",
+    "judge_claims",
+    "recall_claim",
+    "space_claim",
+    "outcome_summary",
     "win_summary",
     "disagreements",
     "disagreement_report",
@@ -77,15 +98,61 @@ __all__ = [
 
 #: Method names used in every table of the chapter (the paper's three columns first).
 PAPER_METHODS: tuple[str, ...] = ("Semantic OT", "Feature Flow", "SAE Match")
-#: The paper's three methods plus featmatch's many-to-one variant of Semantic OT.
-METHODS: tuple[str, ...] = PAPER_METHODS + ("Semantic OT top-1",)
-#: The two baselines Semantic OT is compared with in every "beats" claim.
+#: Every matching of a pair, each method in both forms: one-to-one assignment and
+#: many-to-one top-1. The paper's forms keep the paper's names (Semantic OT and SAE Match
+#: are assignments, Feature Flow is top-1); the other form carries a suffix.
+METHODS: tuple[str, ...] = PAPER_METHODS + (
+    "Co-activation",
+    "Semantic OT top-1",
+    "Feature Flow assignment",
+    "SAE Match top-1",
+    "Co-activation top-1",
+)
+#: ``label -> (method, form)`` for :data:`METHODS`.
+FORMS: dict[str, tuple[str, str]] = {
+    "Semantic OT": ("Semantic OT", "assignment"),
+    "Feature Flow": ("Feature Flow", "top-1"),
+    "SAE Match": ("SAE Match", "assignment"),
+    "Co-activation": ("Co-activation", "assignment"),
+    "Semantic OT top-1": ("Semantic OT", "top-1"),
+    "Feature Flow assignment": ("Feature Flow", "assignment"),
+    "SAE Match top-1": ("SAE Match", "top-1"),
+    "Co-activation top-1": ("Co-activation", "top-1"),
+}
+#: The data-free decoder-vector baselines of the paper.
 BASELINES: tuple[str, ...] = ("Feature Flow", "SAE Match")
+#: The data-driven baseline (Pearson correlation of activations on the train split).
+DATA_BASELINE: str = "Co-activation"
 
-#: Spearman rank correlation with exact :math:`W_2` that an approximate distance (sliced or
-#: entropic) must reach on random pairs of real features to "rank pairs like exact"
-#: (featmatch issue 6; the paper states no number).
-SPEARMAN_GOAL: float = 0.95
+#: Tolerance of the method comparisons: the smallest mean per-feature difference in matching
+#: score (a probability) or activation correlation that counts as a win. Two points: the
+#: bootstrap CI half-width of a paired mean over the ~700–1000 scored features of a quick-zoo
+#: pair is about 0.01–0.02 (per-feature SD of a difference ≈ 0.3), so smaller effects are
+#: below what the chapter can resolve.
+SCORE_TOLERANCE: float = 0.02
+#: Fewest common features for a method comparison to be testable.
+MIN_FEATURES: int = 30
+#: Tolerance of the judge comparison, in label units (1–3): a tenth of a label, a third of
+#: the gap between the paper's Semantic OT and its best baseline on GPT-2's pairs (0.07) up to
+#: Gemma's (0.57).
+JUDGE_TOLERANCE: float = 0.1
+#: Recall@1 of :func:`featmatch.semantic.nearest` against exact :math:`W_2` that the
+#: approximation must reach (issue 16): the claim's effect is ``recall - (RECALL_GOAL -
+#: RECALL_TOLERANCE)``, so it holds when the recall CI lies above 0.98 and the recall is at
+#: least 0.99.
+RECALL_GOAL: float = 0.99
+RECALL_TOLERANCE: float = 0.01
+
+#: Headings of the notebook sections that test the claims (the ``section`` column).
+SECTION_SCORES = "Scores on the eval split, with confidence intervals"
+SECTION_JUDGE = "The judge"
+SECTION_NEAREST = "Nearest neighbours: sliced candidates, exact rerank"
+SECTION_SPACES = "Which reference space?"
+
+#: Source of the paper's claims.
+PAPER_SOURCE = "Semantic OT (Cao, Do, Thai 2026), abstract and LLM-judge table"
+#: Source of the book's own claims.
+BOOK_SOURCE = "featmatch (this book)"
 
 #: LLM-judge scores (1-3) reported by the paper (``PAPERS.md`` section 2.5; the baseline
 #: rows come from a third-party copy of its tables). ``kind`` names the analogue pair.
@@ -350,16 +417,20 @@ def distribution_summary(dists: Mapping[int, Any]) -> pd.DataFrame:
 
 
 def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed: int = 0) -> tuple[Any, Any]:
-    """Semantic OT (one-to-one assignment) and its top-1 variant from one distance matrix.
+    """Semantic OT (one-to-one assignment) and its top-1 variant from one set of distances.
+
+    With ``method="exact"`` and an int ``candidates`` ``c``, the distances are the sparse
+    exact top-``c`` of :func:`featmatch.semantic.nearest` (sliced candidates reranked by
+    ``ot.emd2``), computed once for both forms; otherwise
+    :func:`featmatch.semantic.distance_matrix` (``c`` sliced candidates or all pairs).
 
     Parameters
     ----------
     a, b : featmatch.semantic.FeatureDistributions
         The features of layers A and B.
     method : {"exact", "sinkhorn", "sliced"}
-        The distance (:func:`featmatch.semantic.distance_matrix`).
     candidates : int, optional
-        Pairs per feature computed by ``method`` after a sliced pre-selection (``None``: all).
+        Pairs per feature computed by ``method`` (``None``: all).
     seed : int
 
     Returns
@@ -367,9 +438,22 @@ def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed
     (Matching, Matching)
         The assignment and the many-to-one nearest feature.
     """
-    from featmatch.semantic._semantic import distance_matrix, semantic_match
+    from featmatch.semantic._semantic import distance_matrix, nearest, semantic_match
 
-    D = distance_matrix(a, b, method, candidates=candidates, seed=seed, progress=False)
+    if method == "exact" and candidates is not None and len(a) * len(b) <= 4096**2:
+        idx, dist = nearest(a, b, k=int(candidates), candidates=int(candidates), seed=seed)
+        D = np.full((len(a), len(b)), np.inf)
+        rows = np.repeat(np.arange(len(a)), (idx >= 0).sum(1))
+        D[rows, idx[idx >= 0]] = dist[idx >= 0]
+    elif method == "exact" and candidates is not None:  # large: never an F x F array
+        return (
+            semantic_match(
+                a, b, "exact", "assignment", candidates=int(candidates), seed=seed, progress=False
+            ),
+            semantic_match(a, b, "exact", "topk", k=1, candidates=int(candidates), seed=seed, progress=False),
+        )
+    else:
+        D = distance_matrix(a, b, method, candidates=candidates, seed=seed, progress=False)
     return (
         semantic_match(a, b, distances=D, mode="assignment"),
         semantic_match(a, b, distances=D, mode="topk", k=1),
@@ -377,22 +461,62 @@ def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed
 
 
 def pair_matchings(
-    dist_a: Any, dist_b: Any, sae_a: Any, sae_b: Any, method: str, candidates: int | None, seed: int = 0
+    dist_a: Any,
+    dist_b: Any,
+    sae_a: Any,
+    sae_b: Any,
+    method: str,
+    candidates: int | None,
+    seed: int = 0,
+    *,
+    fit_stats: Any = None,
+    pair: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The four matchings of one layer pair, keyed by :data:`METHODS`.
+    """Every matching of one layer pair, keyed by :data:`METHODS`, each method in both forms.
 
-    Semantic OT and its top-1 variant (:func:`semantic_matchings`), Feature Flow (top-1
-    decoder cosine) and SAE Match (folded encoder+decoder assignment).
+    * Semantic OT: :func:`semantic_matchings` (assignment and top-1 on the same distances);
+    * Feature Flow: top-1 decoder cosine (the paper's form), and the assignment on
+      :math:`1 - \\cos` of the decoder rows (:func:`featmatch.matching.match`,
+      ``on="decoder", metric="cosine"``);
+    * SAE Match: the folded encoder+decoder assignment (the paper's form), and the top-1
+      (arg-min per row) of the same cost matrix;
+    * Co-activation (with ``fit_stats``, the **train**-split statistics gathered with
+      ``pairs=[pair]``): :func:`featmatch.matching.baselines.coactivation_matching`, top-1
+      and assignment on the Pearson correlation.
+
+    Returns
+    -------
+    dict str -> Matching
+        In :data:`METHODS` order (the co-activation entries only with ``fit_stats``).
     """
+    from featmatch.matching import Matching, cost_matrix, match
+    from featmatch.matching.baselines import coactivation_matching
     from featmatch.semantic._semantic import decoder_cosine_match, sae_match
 
     sem, sem1 = semantic_matchings(dist_a, dist_b, method, candidates, seed)
-    return {
+    cost = cost_matrix(sae_a, sae_b, on="both", metric="mse", fold=True)
+    j = cost.argmin(1)
+    sm1 = Matching(
+        perm=j.astype(np.int64),
+        cost=cost[np.arange(len(j)), j],
+        n_b=int(cost.shape[1]),
+        meta={"method": "sae_match_top1", "mode": "top1", "many_to_one": True},
+    )
+    del cost
+    out = {
         "Semantic OT": sem,
         "Feature Flow": decoder_cosine_match(sae_a, sae_b),
         "SAE Match": sae_match(sae_a, sae_b),
-        "Semantic OT top-1": sem1,
     }
+    if fit_stats is not None:
+        la, lb = pair if pair is not None else (dist_a.layer, dist_b.layer)
+        out["Co-activation"] = coactivation_matching(fit_stats, la, lb, "assignment")
+    out["Semantic OT top-1"] = sem1
+    out["Feature Flow assignment"] = match(sae_a, sae_b, on="decoder", metric="cosine", fold=False)
+    out["SAE Match top-1"] = sm1
+    if fit_stats is not None:
+        out["Co-activation top-1"] = coactivation_matching(fit_stats, la, lb, "top1")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -400,30 +524,112 @@ def pair_matchings(
 # --------------------------------------------------------------------------------------
 
 
+def common_features(stats: Any, la: int, by_method: Mapping[str, Any]) -> np.ndarray:
+    """Features of ``la`` that every matching matches and that fire in ``stats`` (sorted ids)."""
+    keep = np.asarray(stats.fire_count[la]) > 0
+    for m in by_method.values():
+        keep &= np.asarray(m.perm) >= 0
+    return np.flatnonzero(keep)
+
+
+def feature_scores(stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any]]) -> pd.DataFrame:
+    """Per-feature matching score and activation correlation, on the common features.
+
+    For every pair, the features of A that every method matches and that fire on ``stats``
+    (:func:`common_features`), so all methods are scored on one feature set.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Long format: ``pair, layer_a, layer_b, method, feature, matching_score,
+        correlation`` (correlation NaN where a partner never fires).
+    """
+    frames = []
+    for (la, lb), by_method in matchings.items():
+        feats = common_features(stats, la, by_method)
+        for method, m in by_method.items():
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "pair": f"{la}→{lb}",
+                        "layer_a": int(la),
+                        "layer_b": int(lb),
+                        "method": method,
+                        "feature": feats,
+                        "matching_score": matching_score(stats, la, lb, m).per_feature[feats],
+                        "correlation": activation_correlation(stats, la, lb, m).per_feature[feats],
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def chance_scores(
+    stats: Any, la: int, lb: int, features: np.ndarray, form: str, n: int = 50, seed: int = 0
+) -> tuple[float, float]:
+    """Mean matching score and correlation of *random* matchings on ``features``: the chance level.
+
+    ``form="assignment"`` draws uniform random one-to-one maps (a random permutation of the
+    features of B, truncated), ``"top-1"`` uniform random many-to-one maps; each draw is
+    scored on the same features as the methods (:func:`featmatch.chapters.claims.null_distribution`,
+    ``n`` draws). Returns the two means over draws.
+    """
+    f_a, f_b = int(stats.d_sae(la)), int(stats.d_sae(lb))
+    features = np.asarray(features, dtype=np.int64)
+
+    def draw(rng: np.random.Generator) -> np.ndarray:
+        perm = np.full(f_a, -1, dtype=np.int64)
+        if form == "assignment":
+            perm[features] = rng.permutation(f_b)[: len(features)] if len(features) <= f_b else -1
+        else:
+            perm[features] = rng.integers(0, f_b, size=len(features))
+        return perm
+
+    ms = null_distribution(
+        lambda rng: float(np.nanmean(matching_score(stats, la, lb, draw(rng)).per_feature[features])), n, seed
+    )
+    corr = null_distribution(
+        lambda rng: float(np.nanmean(activation_correlation(stats, la, lb, draw(rng)).per_feature[features])),
+        n,
+        seed,
+    )
+    return float(ms.mean()), float(corr.mean())
+
+
 def method_scores(
-    stats: Any, matchings: Mapping[tuple[int, int], Mapping[str, Any]], common: bool = True
+    stats: Any,
+    matchings: Mapping[tuple[int, int], Mapping[str, Any]],
+    common: bool = True,
+    *,
+    ci: bool = False,
+    chance: bool = False,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Matching score and activation correlation of every (pair, method), one row each.
-
-    Long format, one row per (pair, method); chapter 01's ``score_table`` nests the other
-    way (method, then layer).
 
     Parameters
     ----------
     stats : ActivationStats
-        Held-out statistics with ``coact``/``prod_sum`` for every pair.
+        Held-out (eval-split) statistics with the pair sums of every matching.
     matchings : mapping (la, lb) -> mapping method -> Matching
     common : bool
         Average over the features of A that *every* method of the pair matches (default),
         so all methods are scored on the same features; otherwise each method's mean is
         over its own matched features.
+    ci : bool
+        Add bootstrap 95 % intervals over features (``ms_low, ms_high, corr_low,
+        corr_high``; :func:`featmatch.chapters.claims.bootstrap_ci`).
+    chance : bool
+        Add the chance level of the method's form (``chance_ms, chance_corr``,
+        :func:`chance_scores` on the same features).
+    seed : int
 
     Returns
     -------
     pandas.DataFrame
         Columns ``layer_a, layer_b, pair, method, matching_score, correlation, n_scored,
-        n_matched, one_to_one``: means over the scored features of A that fire (see
-        :func:`featmatch.evaluation.metrics.matching_score`); ``n_scored`` counts them.
+        n_matched, one_to_one, n_partners`` (distinct features of B used; + ``base, form`` for labels of :data:`FORMS`, and the CI
+        and chance columns when asked): means over the scored features of A that fire.
     """
     rows = []
     for (la, lb), by_method in matchings.items():
@@ -431,23 +637,36 @@ def method_scores(
         if common:
             for m in by_method.values():
                 keep &= np.asarray(m.perm) >= 0
+        feats = common_features(stats, la, by_method) if common else None
+        chance_by_form: dict[str, tuple[float, float]] = {}
         for method, m in by_method.items():
             ms = matching_score(stats, la, lb, m).per_feature
             corr = activation_correlation(stats, la, lb, m).per_feature
             ms_k, corr_k = ms[keep & np.isfinite(ms)], corr[keep & np.isfinite(corr)]
-            rows.append(
-                {
-                    "layer_a": int(la),
-                    "layer_b": int(lb),
-                    "pair": f"{la}→{lb}",
-                    "method": method,
-                    "matching_score": float(ms_k.mean()) if ms_k.size else float("nan"),
-                    "correlation": float(corr_k.mean()) if corr_k.size else float("nan"),
-                    "n_scored": int(ms_k.size),
-                    "n_matched": int(m.n_matched),
-                    "one_to_one": bool(m.is_injective),
-                }
-            )
+            row: dict[str, Any] = {
+                "layer_a": int(la),
+                "layer_b": int(lb),
+                "pair": f"{la}→{lb}",
+                "method": method,
+                "matching_score": float(ms_k.mean()) if ms_k.size else float("nan"),
+                "correlation": float(corr_k.mean()) if corr_k.size else float("nan"),
+                "n_scored": int(ms_k.size),
+                "n_matched": int(m.n_matched),
+                "one_to_one": bool(m.is_injective),
+                "n_partners": int(np.unique(np.asarray(m.perm)[np.asarray(m.perm) >= 0]).size),
+            }
+            if method in FORMS:
+                row["base"], row["form"] = FORMS[method]
+            if ci:
+                _, row["ms_low"], row["ms_high"] = bootstrap_ci(ms_k, seed=seed)
+                _, row["corr_low"], row["corr_high"] = bootstrap_ci(corr_k, seed=seed)
+            if chance:
+                form = FORMS.get(method, (method, "assignment" if m.is_injective else "top-1"))[1]
+                if form not in chance_by_form:
+                    use = feats if feats is not None else np.flatnonzero(keep & np.isfinite(ms))
+                    chance_by_form[form] = chance_scores(stats, la, lb, use, form, seed=seed)
+                row["chance_ms"], row["chance_corr"] = chance_by_form[form]
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -629,23 +848,24 @@ def reference_space_table(
     method: str,
     candidates: int | None,
     seed: int = 0,
+    baselines: Mapping[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, float]:
-    """Semantic OT on one pair in every reference space, scored on the eval slice.
+    """Semantic OT on one pair in every reference space, scored on one feature set.
 
     In each space except ``default`` the features of the pair get new distributions
     (:func:`feature_distributions` on ``stats_fit``) and a new assignment
-    (:func:`semantic_matchings`); the default space reuses ``default_matching``. Each
-    matching is scored by the mean matching score and activation correlation over *all*
-    its scored features of A (not the common features of :func:`method_scores`), and by its
-    agreement with the default: the share of the features of A matched in both that keep
-    the same partner.
+    (:func:`semantic_matchings`); the default space reuses ``default_matching``. Every
+    space is scored on the **same features of A**: those that every space's matching and
+    every matching of ``baselines`` match and that fire on the eval split (the sample
+    positions are the same in every space, so only the coordinates differ). Scores are the
+    mean matching score and activation correlation with bootstrap CIs over those features,
+    and the agreement with the default (share of them that keep the default's partner).
 
     Parameters
     ----------
     stats_fit, stats_eval : ActivationStats
-        Fit slice (activation samples) and eval slice (with the pair's co-activations).
+        Fit slice (activation samples) and eval slice (with the pair's statistics).
     spaces : mapping label -> ReferenceSpace
-        E.g. :func:`reference_spaces` of :func:`comparison_spaces`.
     default : str
         The label of the default space in ``spaces``.
     pair : (int, int)
@@ -655,46 +875,378 @@ def reference_space_table(
         :func:`method_scores` of the run (for the best baseline's matching score).
     n_samples, method, candidates, seed
         As for the default matching.
+    baselines : mapping name -> Matching, optional
+        The baselines of the pair (:data:`BASELINES`); the best of them (by mean matching
+        score on the common features) is stored per feature for the paired comparison.
 
     Returns
     -------
     (pandas.DataFrame, float)
-        Columns ``space, k, matching_score, correlation, agreement_with_default,
-        beats_best_baseline`` (one row per space, in ``spaces`` order), and the best
-        matching score of the baselines (:data:`BASELINES`) on ``pair`` in ``scores``.
+        Columns ``space, k, matching_score, ms_low, ms_high, correlation,
+        agreement_with_default, n_features, diff_vs_best, diff_low, diff_high,
+        beats_best_baseline`` (one row per space, in ``spaces`` order; ``diff_*`` is the
+        paired per-feature difference with the best baseline), and the best matching score
+        of the baselines on the common features (from ``scores`` when ``baselines`` is
+        None).
     """
     la, lb = pair
     main = default_matching
-    rows = []
+    ms_by_space = {}
     for label, space in spaces.items():
         if label == default:
             m = main
         else:
             d = feature_distributions(stats_fit, space, (la, lb), n=n_samples, seed=seed)
             m = semantic_matchings(d[la], d[lb], method, candidates, seed)[0]
-        both = (m.perm >= 0) & (main.perm >= 0)
+        ms_by_space[label] = m
+    everyone = {**ms_by_space, **dict(baselines or {})}
+    feats = common_features(stats_eval, la, everyone)
+    best_ms, best_name = float("nan"), None
+    for name, m in (baselines or {}).items():
+        v = float(np.nanmean(matching_score(stats_eval, la, lb, m).per_feature[feats]))
+        if best_name is None or v > best_ms:
+            best_ms, best_name = v, name
+    if best_name is None:
+        best_ms = float(
+            scores[(scores.pair == f"{la}→{lb}") & scores.method.isin(list(BASELINES))].matching_score.max()
+        )
+        best_pf = None
+    else:
+        best_pf = matching_score(stats_eval, la, lb, baselines[best_name]).per_feature[feats]
+    rows = []
+    for label, m in ms_by_space.items():
+        ms = matching_score(stats_eval, la, lb, m).per_feature[feats]
+        corr = activation_correlation(stats_eval, la, lb, m).per_feature[feats]
+        est, lo, hi = bootstrap_ci(ms, seed=seed)
+        row = {
+            "space": label,
+            "k": spaces[label].k,
+            "matching_score": est,
+            "ms_low": lo,
+            "ms_high": hi,
+            "correlation": float(np.nanmean(corr)) if np.isfinite(corr).any() else float("nan"),
+            "agreement_with_default": float((m.perm[feats] == main.perm[feats]).mean())
+            if len(feats)
+            else float("nan"),
+            "n_features": int(len(feats)),
+        }
+        if best_pf is not None:
+            row["diff_vs_best"], row["diff_low"], row["diff_high"] = bootstrap_ci(
+                ms, paired=best_pf, seed=seed
+            )
+        else:
+            row["diff_vs_best"] = est - best_ms
+            row["diff_low"] = row["diff_high"] = float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["beats_best_baseline"] = table.matching_score > best_ms
+    return table, best_ms
+
+
+# --------------------------------------------------------------------------------------
+# Nearest-neighbour search against exact W2
+# --------------------------------------------------------------------------------------
+
+
+def nearest_recall(
+    a: Any, b: Any, n_queries: int, candidates: Sequence[int], k: int = 10, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    r"""Recall of :func:`featmatch.semantic.nearest` against the exact top-``k``.
+
+    ``n_queries`` features of ``a`` (seeded, all when fewer) get their exact top-``k`` by
+    :func:`~featmatch.semantic.nearest` with ``certify=True`` (exact by construction: the
+    moment lower bound excludes every column not solved; checked against brute-force
+    ``ot.emd2`` in ``tests/semantic/test_nearest.py`` and ``benchmarks/bench_nearest.py``).
+    For each candidate count ``c``, the uncertified search is scored per query:
+    ``hit1`` (its top-1 has the exact nearest distance) and ``overlap`` (share of the exact
+    top-``k`` it returns).
+
+    Returns
+    -------
+    (summary, per_query)
+        ``summary``: one row per ``c`` with ``recall@1, recall@k, seconds, exact_solves``
+        (plus a row ``exact (certified)``); ``per_query``: ``c, query, hit1, overlap``.
+    """
+    import time
+
+    from featmatch.semantic._semantic import nearest
+
+    rng = np.random.default_rng(seed)
+    q = np.sort(rng.choice(len(a), size=min(int(n_queries), len(a)), replace=False))
+    aq = a.subset(q)
+    t0 = time.perf_counter()
+    ex_idx, ex_d = nearest(aq, b, k=k, candidates=k, certify=True, seed=seed)
+    t_ex = time.perf_counter() - t0
+    rows, per = [], []
+    for c in candidates:
+        t0 = time.perf_counter()
+        idx, d = nearest(aq, b, k=k, candidates=int(c), seed=seed)
+        dt = time.perf_counter() - t0
+        hit1 = np.isclose(d[:, 0], ex_d[:, 0], rtol=1e-9, atol=1e-12)
+        overlap = np.array([len(set(x) & set(y)) / k for x, y in zip(idx, ex_idx, strict=True)])
+        per.append(pd.DataFrame({"c": int(c), "query": q, "hit1": hit1.astype(float), "overlap": overlap}))
         rows.append(
             {
-                "space": label,
-                "k": space.k,
-                "matching_score": float(np.nanmean(matching_score(stats_eval, la, lb, m).per_feature)),
-                "correlation": float(np.nanmean(activation_correlation(stats_eval, la, lb, m).per_feature)),
-                "agreement_with_default": float((m.perm[both] == main.perm[both]).mean())
-                if both.any()
-                else float("nan"),
+                "search": f"c = {int(c)}",
+                "c": int(c),
+                "recall@1": float(hit1.mean()),
+                f"recall@{k}": float(overlap.mean()),
+                "seconds": dt,
+                "exact_solves": int(len(q) * min(max(int(c), k), len(b))),
             }
         )
-    table = pd.DataFrame(rows)
-    baseline_best = scores[
-        (scores.pair == f"{la}→{lb}") & scores.method.isin(list(BASELINES))
-    ].matching_score.max()
-    table["beats_best_baseline"] = table.matching_score > baseline_best
-    return table, float(baseline_best)
+    rows.append(
+        {
+            "search": "exact (certified)",
+            "c": -1,
+            "recall@1": 1.0,
+            f"recall@{k}": 1.0,
+            "seconds": t_ex,
+            "exact_solves": -1,
+        }
+    )
+    return pd.DataFrame(rows), pd.concat(per, ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------
-# Verdict rules
+# Claims
 # --------------------------------------------------------------------------------------
+
+
+def _best_in_form(scores: pd.DataFrame, pair: str, form: str, bases: Sequence[str]) -> str | None:
+    """Label of the method of ``bases`` with the highest mean matching score on ``pair`` in ``form``."""
+    sub = scores[(scores.pair == pair) & (scores.form == form) & scores.base.isin(list(bases))]
+    if sub.empty:
+        return None
+    return str(sub.sort_values("matching_score", ascending=False, kind="stable").method.iloc[0])
+
+
+def _label(base: str, form: str) -> str:
+    return next(k for k, v in FORMS.items() if v == (base, form))
+
+
+def comparison_claims(
+    per_feature: pd.DataFrame,
+    scores: pd.DataFrame,
+    *,
+    chapter: str = "04",
+    seed: int = 0,
+) -> list[Claim]:
+    r"""Semantic OT against the baselines, per pair and form, as claims.
+
+    For each layer pair and each form (assignment, top-1):
+
+    * **paper claim** (matching score, and activation correlation): Semantic OT against the
+      better of the two decoder-vector baselines *in the same form* (the stronger of Feature
+      Flow and SAE Match by mean matching score on that pair);
+    * **book claim** (matching score): Semantic OT against the co-activation baseline in the
+      same form (the fair, data-driven comparator).
+
+    Effect: the mean over the common features of A of the per-feature difference
+    (Semantic OT − baseline), with a paired bootstrap CI over features; tolerance
+    :data:`SCORE_TOLERANCE`. ``chance`` is the score of random matchings of that form on the
+    same features (``chance_ms`` / ``chance_corr`` of :func:`method_scores` with
+    ``chance=True``), shown beside the effect. The precondition is at least
+    :data:`MIN_FEATURES` common features, so the bootstrap over features is meaningful.
+    """
+    claims: list[Claim] = []
+    for pair in dict.fromkeys(scores.pair):
+        for form in ("assignment", "top-1"):
+            sem_label = _label("Semantic OT", form)
+            sem_row = scores[(scores.pair == pair) & (scores.method == sem_label)]
+            if sem_row.empty:
+                continue
+            sem_row = sem_row.iloc[0]
+            targets = [(_best_in_form(scores, pair, form, BASELINES), "paper")]
+            if (scores.method == _label(DATA_BASELINE, form)).any():
+                targets.append((_label(DATA_BASELINE, form), "book"))
+            for base_label, who in targets:
+                if base_label is None:
+                    continue
+                values = ("matching_score", "correlation") if who == "paper" else ("matching_score",)
+                for value in values:
+                    x = per_feature[(per_feature.pair == pair) & (per_feature.method == sem_label)]
+                    y = per_feature[(per_feature.pair == pair) & (per_feature.method == base_label)]
+                    xy = x.merge(y, on="feature", suffixes=("", "_b"))
+                    est, lo, hi = bootstrap_ci(
+                        xy[value].to_numpy(), paired=xy[f"{value}_b"].to_numpy(), seed=seed
+                    )
+                    chance = float(sem_row["chance_ms" if value == "matching_score" else "chance_corr"])
+                    n_ok = int(np.isfinite(xy[value] - xy[f"{value}_b"]).sum())
+                    vname = "matching score" if value == "matching_score" else "activation correlation"
+                    if who == "paper":
+                        text = (
+                            f"{pair}, {form}: Semantic OT has a higher {vname} than the best "
+                            f"decoder-vector baseline ({base_label})"
+                        )
+                        paper_value = "Semantic OT matches features better than Feature Flow and SAE Match"
+                        source = PAPER_SOURCE
+                    else:
+                        text = f"{pair}, {form}: Semantic OT has a higher {vname} than co-activation ({base_label})"
+                        paper_value = "not tested by the paper (no data-driven baseline)"
+                        source = BOOK_SOURCE
+                    claims.append(
+                        make_claim(
+                            chapter=chapter,
+                            claim=text,
+                            source=source,
+                            paper_value=paper_value,
+                            our_value=float(np.nanmean(xy[value])),
+                            effect=est,
+                            ci=(lo, hi),
+                            chance=chance,
+                            n=n_ok,
+                            unit="features of A (eval split)",
+                            tolerance=SCORE_TOLERANCE,
+                            effect_name=f"Δ {vname}",
+                            preconditions={f"≥ {MIN_FEATURES} common features": n_ok >= MIN_FEATURES},
+                            section=SECTION_SCORES,
+                        )
+                    )
+    return claims
+
+
+def judge_claims(
+    verdicts: pd.DataFrame, scores: pd.DataFrame, judge_name: str, *, chapter: str = "04", seed: int = 0
+) -> list[Claim]:
+    """Per pair: Semantic OT's judge label against the best decoder-vector baseline's.
+
+    Paired over the judged features of A (the same features for every method, see
+    :func:`judge_features`); effect = mean label difference, tolerance
+    :data:`JUDGE_TOLERANCE`. Chance is the mean label of the baseline (the judge's level
+    for a matching without Semantic OT). With the offline proxy judge the precondition "an
+    LLM judge" fails and the rows read *not testable*: the proxy's labels are not the
+    paper's measurement.
+    """
+    claims = []
+    is_llm = not str(judge_name).startswith("proxy")
+    for (la, lb), g in verdicts.groupby(["layer_a", "layer_b"], sort=False):
+        pair = f"{la}→{lb}"
+        judged = [m for m in BASELINES if m in set(g.method)]  # the paper's forms are the ones judged
+        if not judged:
+            continue
+        sub = scores[(scores.pair == pair) & scores.method.isin(judged)]
+        best = (
+            str(sub.sort_values("matching_score", ascending=False, kind="stable").method.iloc[0])
+            if not sub.empty
+            else judged[0]
+        )
+        x = g[g.method == "Semantic OT"][["feature_a", "label"]]
+        y = g[g.method == best][["feature_a", "label"]]
+        xy = x.merge(y, on="feature_a", suffixes=("", "_b")).dropna()
+        xs, ys = xy["label"].astype(float).to_numpy(), xy["label_b"].astype(float).to_numpy()
+        est, lo, hi = bootstrap_ci(xs, paired=ys, seed=seed)
+        claims.append(
+            make_claim(
+                chapter=chapter,
+                claim=f"{pair}: the judge rates Semantic OT's partners higher than {best}'s",
+                source="Semantic OT (Cao, Do, Thai 2026), LLM-judge table",
+                paper_value="Semantic OT has the highest mean judge score on every pair",
+                our_value=float(xs.mean()) if xs.size else float("nan"),
+                effect=est,
+                ci=(lo, hi),
+                chance=float(ys.mean()) if ys.size else float("nan"),
+                n=int(len(xy)),
+                unit="judged features of A",
+                tolerance=JUDGE_TOLERANCE,
+                effect_name="Δ judge label",
+                preconditions={f"an LLM judge ({judge_name})": is_llm},
+                section=SECTION_JUDGE,
+            )
+        )
+    return claims
+
+
+def recall_claim(per_query: pd.DataFrame, c: int, n_b: int, *, chapter: str = "04", seed: int = 0) -> Claim:
+    """The approximation verdict: recall@1 of ``nearest`` with ``c`` candidates against exact.
+
+    Effect ``recall@1 - (RECALL_GOAL - RECALL_TOLERANCE)`` with a bootstrap CI over queries
+    and tolerance :data:`RECALL_TOLERANCE`: held when the recall CI lies above 0.98 and the
+    recall reaches 0.99. Chance: recall@1 of ``c`` random candidates, ``c / n_b``.
+    """
+    hits = per_query[per_query.c == c].hit1.to_numpy(dtype=float)
+    est, lo, hi = bootstrap_ci(hits, seed=seed)
+    floor = RECALL_GOAL - RECALL_TOLERANCE
+    return make_claim(
+        chapter=chapter,
+        claim=f"Sliced candidates (c = {c}) reranked by exact W2 find the exact nearest feature (recall@1 ≥ {RECALL_GOAL})",
+        source=BOOK_SOURCE,
+        paper_value="the paper uses exact or entropic W2 (no nearest-neighbour search)",
+        our_value=est,
+        effect=est - floor,
+        ci=(lo - floor, hi - floor),
+        chance=min(1.0, c / max(n_b, 1)),
+        n=int(hits.size),
+        unit="query features",
+        tolerance=RECALL_TOLERANCE,
+        effect_name="recall@1 − 0.98",
+        preconditions={"≥ 100 queries": hits.size >= 100},
+        section=SECTION_NEAREST,
+    )
+
+
+def space_claim(space_table: pd.DataFrame, pair: tuple[int, int], *, chapter: str = "04") -> Claim:
+    """Semantic OT beats the best decoder-vector baseline in *every* reference space.
+
+    The effect is the worst space's paired difference (``diff_vs_best`` of
+    :func:`reference_space_table`, with its CI), tolerance :data:`SCORE_TOLERANCE`.
+    """
+    worst = space_table.sort_values("diff_vs_best", kind="stable").iloc[0]
+    la, lb = pair
+    return make_claim(
+        chapter=chapter,
+        claim=f"{la}→{lb}: Semantic OT beats the best decoder-vector baseline in every reference space",
+        source=BOOK_SOURCE,
+        paper_value="the paper uses one reference space (its full text is not available)",
+        our_value=float(worst.matching_score),
+        effect=float(worst.diff_vs_best),
+        ci=(float(worst.diff_low), float(worst.diff_high)),
+        chance=float("nan"),
+        n=int(worst.n_features),
+        unit=f"features of A (worst space: {worst.space})",
+        tolerance=SCORE_TOLERANCE,
+        effect_name="Δ matching score",
+        preconditions={"same features in every space": bool(space_table.n_features.nunique() == 1)},
+        section=SECTION_SPACES,
+    )
+
+
+def outcome_summary(table: pd.DataFrame) -> list[str]:
+    """One line per verdict group of a claims table, naming the claims: rendered, never typed.
+
+    E.g. ``"held (2): 14→29, assignment: Semantic OT has a higher matching score than ..."``.
+    """
+    lines = []
+    for verdict in ("held", "failed", "mixed", "not testable"):
+        sub = table[table.verdict == verdict]
+        if len(sub):
+            lines.append(f"{verdict} ({len(sub)}):")
+            lines += [
+                f"  - {c} (effect {e:+.3f}, CI [{lo:+.3f}, {hi:+.3f}])"
+                for c, e, lo, hi in zip(sub.claim, sub.effect, sub.ci_low, sub.ci_high, strict=True)
+            ]
+    return lines
+
+
+def win_summary(scores: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """Where Semantic OT wins and loses, per pair and form, against which baseline.
+
+    Read from the claims ``table`` (:func:`comparison_claims` rows on the matching score):
+    a *win* is a held claim, a *loss* a claim whose whole CI is below 0 (the baseline is
+    better), *no difference* otherwise.
+    """
+    lines = []
+    ms = table[table.claim.str.contains("higher matching score")]
+    for c, v, hi in zip(ms.claim, ms.verdict, ms.ci_high, strict=True):
+        where, _, rest = c.partition(": Semantic OT has a higher matching score than ")
+        if v == "held":
+            word = "wins against"
+        elif hi < 0:
+            word = "loses to"
+        else:
+            word = "no clear difference from"
+        lines.append(f"{where}: Semantic OT {word} {rest}")
+    return lines
 
 
 def beats(
@@ -726,122 +1278,6 @@ def by_pair_text(table: pd.DataFrame, value: str) -> str:
     return "; ".join(
         f"{p}: " + ", ".join(f"{m} {wide.loc[p, m]:.2f}" for m in PAPER_METHODS) for p in wide.index
     )
-
-
-def semantic_ot_claims(
-    judged: pd.DataFrame,
-    scores: pd.DataFrame,
-    approx: pd.DataFrame,
-    space_table: pd.DataFrame,
-    baseline_best: float,
-    judge_name: str,
-    pair: tuple[int, int],
-) -> list[Claim]:
-    """The chapter's claims, each with its verdict computed from the numbers.
-
-    * Method comparisons (judge mean, matching score, activation correlation): Semantic OT
-      *wins* a pair when it beats both baselines (:func:`beats`, no margin); the verdict is
-      :func:`featmatch.chapters.claims.verdict_all` of the wins over the pairs.
-    * Approximation quality: :func:`~featmatch.chapters.claims.verdict_all` of "Spearman
-      against exact >= :data:`SPEARMAN_GOAL`" over the approximations of each family (sliced,
-      entropic); NaN misses the goal.
-    * Reference space: :func:`~featmatch.chapters.claims.verdict_all` of
-      ``beats_best_baseline`` over the spaces of :func:`reference_space_table`.
-
-    Parameters
-    ----------
-    judged : pandas.DataFrame
-        :func:`judge_table`.
-    scores : pandas.DataFrame
-        :func:`method_scores`.
-    approx : pandas.DataFrame
-        :func:`featmatch.semantic.approximation_report` rows of both families (``method`` is
-        ``"sliced"`` or ``"sinkhorn"``).
-    space_table, baseline_best
-        :func:`reference_space_table`.
-    judge_name : str
-        Shown in the judge row.
-    pair : (int, int)
-        The pair of ``space_table``.
-
-    Returns
-    -------
-    list of featmatch.chapters.claims.Claim
-    """
-    la, lb = pair
-    sl, sk = approx[approx.method == "sliced"], approx[approx.method == "sinkhorn"]
-    goal = f"Spearman ≥ {SPEARMAN_GOAL:.2f}"
-    return [
-        Claim(
-            "Semantic OT gets higher judge scores than decoder cosine and SAE Match on each pair",
-            "Cao et al. 2026, LLM-judge table",
-            f"{judge_name}: " + by_pair_text(judged, "judge_mean"),
-            verdict_all(beats(judged, "judge_mean")),
-        ),
-        Claim(
-            "Semantic OT matches features better than decoder-vector baselines (matching score)",
-            "Cao et al. 2026, abstract",
-            by_pair_text(scores, "matching_score"),
-            verdict_all(beats(scores, "matching_score")),
-        ),
-        Claim(
-            "Semantic OT matches features better than decoder-vector baselines (activation correlation)",
-            "Cao et al. 2026, abstract",
-            by_pair_text(scores, "correlation"),
-            verdict_all(beats(scores, "correlation")),
-        ),
-        Claim(
-            f"Sliced W2 ranks pairs of real features like exact W2 ({goal})",
-            "featmatch issue 6 (goal)",
-            "; ".join(
-                f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.2f} "
-                f"({r.scaled_rel_error_median:.2f} after scale)"
-                for r in sl.itertuples()
-            ),
-            verdict_all(_reaches(sl.spearman, SPEARMAN_GOAL)),
-        ),
-        Claim(
-            f"Entropic W2 ranks pairs of real features like exact W2 ({goal})",
-            "featmatch issue 6 (goal)",
-            "; ".join(
-                f"{r.params}: ρ={r.spearman:.3f}, median rel. error {r.rel_error_median:.3f}"
-                for r in sk.itertuples()
-            ),
-            verdict_all(_reaches(sk.spearman, SPEARMAN_GOAL)),
-        ),
-        Claim(
-            f"Semantic OT beats the best baseline's matching score whatever the reference space ({la}→{lb})",
-            "featmatch design choice (PAPERS.md 2.2)",
-            "; ".join(f"{r.space}: {r.matching_score:.2f}" for r in space_table.itertuples())
-            + f" (best baseline {baseline_best:.2f})",
-            verdict_all(space_table.beats_best_baseline),
-        ),
-    ]
-
-
-def _reaches(values: Sequence[float], goal: float) -> list[bool]:
-    """``value >= goal`` for each value; NaN misses the goal."""
-    return [bool(np.isfinite(v) and v >= goal) for v in values]
-
-
-def win_summary(judged: pd.DataFrame, scores: pd.DataFrame, judge_name: str) -> list[str]:
-    """One line per compared score: on how many pairs Semantic OT beats both baselines.
-
-    E.g. ``"matching score: Semantic OT beats both baselines on 2 of 3 pairs (5→6, 0→11)"``.
-    """
-    lines = []
-    for value, name in (
-        ("judge_mean", f"judge ({judge_name})"),
-        ("matching_score", "matching score"),
-        ("correlation", "correlation"),
-    ):
-        table = judged if value == "judge_mean" else scores
-        won = beats(table, value)
-        lines.append(
-            f"{name}: Semantic OT beats both baselines on {int(won.sum())} of {len(won)} pairs"
-            + (f" ({', '.join(won.index[won])})" if won.any() else "")
-        )
-    return lines
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ Workflow::
     sn = C.supernodes(g, D, fraction=0.1, name="decoder cosine")
     summary, curves = C.compare_methods(model, saes, g, {"cos": sn, "layer": ...})
     C.export_graph_json("graph.json", g, sn)                       # circuit-tracer / Neuronpedia
+    sel, ho = C.split_prompts(tt)                                  # F(n) on held-out prompts
+    means = C.position_means(model, saes, sel)
+    nodes, _ = C.linear_node_scores(model, saes, sel, means)
+    order = nodes.sort_values("abs_score", ascending=False)
+    curve = C.faithfulness_curve(model, saes, ho, {"linear": list(zip(order.layer, order.feature))},
+                                 [16, 64, 256], means)
+    C.group_graph_file("graph.json", "grouped.json")               # supernodes for any circuit-tracer JSON
     C.plot_compressed_graph(g, sn, ax=ax)
 
 Definitions (node effects, edges, faithfulness, coherence, judge agreement) are stated in
@@ -38,6 +45,26 @@ from ._export import (
     load_graph_json,
     plot_compressed_graph,
     validate_graph_json,
+)
+from ._faithful import (
+    FaithfulnessCurve,
+    circuit_nodes,
+    exact_node_effects,
+    faithfulness_curve,
+    linear_node_scores,
+    position_means,
+    ratio_ci,
+    smallest_faithful,
+    split_prompts,
+)
+from ._grouping import (
+    NON_FEATURE_TYPES,
+    cluster_labels,
+    coactivation_distance,
+    edge_profile_distance,
+    group_graph_file,
+    profile_distance,
+    propose_supernodes,
 )
 from ._supernodes import (
     CompressionScores,
@@ -100,4 +127,20 @@ __all__ = [
     "load_graph_json",
     "graph_from_json",
     "plot_compressed_graph",
+    "split_prompts",
+    "position_means",
+    "linear_node_scores",
+    "exact_node_effects",
+    "ratio_ci",
+    "FaithfulnessCurve",
+    "faithfulness_curve",
+    "smallest_faithful",
+    "circuit_nodes",
+    "NON_FEATURE_TYPES",
+    "profile_distance",
+    "edge_profile_distance",
+    "coactivation_distance",
+    "cluster_labels",
+    "propose_supernodes",
+    "group_graph_file",
 ]

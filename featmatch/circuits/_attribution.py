@@ -369,6 +369,7 @@ def attribution_graph(
     edges: bool = True,
     batch_size: int = 16,
     edge_chunk: int = 32,
+    keep: Sequence[tuple[int, int]] | None = None,
 ) -> AttributionGraph:
     r"""Attribution graph of the task metric over the SAE features of the given layers.
 
@@ -393,6 +394,10 @@ def attribution_graph(
         Prompts per forward (prompts are batched by equal length).
     edge_chunk : int
         Downstream nodes per vectorised backward.
+    keep : sequence of (layer, feature), optional
+        Keep exactly these nodes (feature −1 = error node) instead of the top
+        ``node_budget`` by attribution, e.g. a circuit chosen by its faithfulness on
+        held-out prompts (:func:`featmatch.circuits.faithfulness_curve`).
 
     Returns
     -------
@@ -409,10 +414,36 @@ def attribution_graph(
     layers = tuple(sl)
     stats = _node_pass(model, sl, tt, batch_size)
     cand = _node_frame(stats, layers)
-    keep = cand.sort_values(["abs_attribution", "layer", "feature"], ascending=[False, True, True]).head(
-        node_budget
-    )
-    nodes = keep.sort_values(["layer", "abs_attribution", "feature"], ascending=[True, False, True])
+    if keep is None:
+        kept = cand.sort_values(["abs_attribution", "layer", "feature"], ascending=[False, True, True]).head(
+            node_budget
+        )
+    else:
+        want = {node_id(int(L), int(f)) for L, f in keep}
+        bad = sorted({int(L) for L, _f in keep} - set(layers))
+        if bad:
+            raise ValueError(f"keep names layers {bad} without an SAE (layers {list(layers)})")
+        kept = cand[cand["node_id"].isin(want)]
+        absent = sorted(want - set(kept["node_id"]))
+        if absent:  # features that never fired and had no gradient on these prompts
+            extra = pd.DataFrame(
+                [
+                    {
+                        "node_id": a,
+                        "layer": int(a.split("_")[0]),
+                        "feature": int(a.split("_")[1]),
+                        "kind": "feature",
+                        "activation": 0.0,
+                        "frac_active": 0.0,
+                        "attribution": 0.0,
+                        "abs_attribution": 0.0,
+                    }
+                    for a in absent
+                ]
+            )
+            kept = pd.concat([kept, extra[kept.columns]], ignore_index=True)
+        node_budget = len(kept)
+    nodes = kept.sort_values(["layer", "abs_attribution", "feature"], ascending=[True, False, True])
     nodes = nodes.reset_index(drop=True)
     graph = AttributionGraph(
         nodes=nodes,

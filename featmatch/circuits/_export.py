@@ -7,22 +7,25 @@ The required fields follow circuit-tracer's exporter (``circuit_tracer/frontend/
 ``Model``/``Metadata``/``QParams``/``Node``/``Link``), which writes the files Neuronpedia's
 graph viewer reads:
 
-* ``metadata``: ``slug`` (str), ``scan`` (str, the model id), ``transcoder_list`` (list of
-  str), ``prompt_tokens`` (list of str), ``prompt`` (str); optional ``node_threshold``,
-  ``schema_version``.
-* ``qParams``: ``pinnedIds`` (list of str), ``supernodes`` (list of ``[name, node_id, ...]``),
-  ``linkType`` (str), ``clickedId`` (str), ``sg_pos`` (str).
-* ``nodes[]``: ``node_id`` (str), ``feature`` (int), ``layer`` (str), ``ctx_idx`` (int),
-  ``feature_type`` (str), ``jsNodeId`` (str); optional ``clerp``, ``influence``,
-  ``activation``, ``token_prob``, ``is_target_logit``, ``run_idx``, ``reverse_ctx_idx``.
-* ``links[]``: ``source`` (str), ``target`` (str), ``weight`` (number).
+* ``metadata`` (required): ``slug`` (str), ``scan`` (str, the model id), ``prompt_tokens``
+  (list of str), ``prompt`` (str); featmatch adds ``transcoder_list``, ``node_threshold``,
+  ``schema_version`` and its own ``featmatch`` block.
+* ``qParams`` (optional): ``pinnedIds`` (list of str), ``supernodes`` (list of
+  ``[label, node_id, ...]``), ``linkType``, ``clickedId``, ``sg_pos`` (str).
+* ``nodes[]`` (required): ``node_id`` (str), ``feature`` (int or null), ``layer`` (str),
+  ``ctx_idx`` (int), ``feature_type`` (str), ``jsNodeId`` (str), ``clerp`` (str); optional
+  ``influence``, ``activation``, ``token_prob``, ``is_target_logit``, ``run_idx``,
+  ``reverse_ctx_idx``.
+* ``links[]`` (required): ``source`` (str), ``target`` (str), ``weight`` (number).
+
+Every link end and every supernode member must name an existing node.
 
 featmatch graphs aggregate over positions and prompts, so every node gets the ``ctx_idx`` of
 the last position of the first prompt (where the answer is read), feature nodes use
 circuit-tracer's ``feature_type`` ``"cross layer transcoder"`` (the viewer's feature colour;
 featmatch's nodes are residual SAE features) with ``feature`` = Cantor pairing of
 (layer, index) as circuit-tracer does, error nodes ``"mlp reconstruction error"`` with
-``feature = -1``, and the metric node ``"logit"``. featmatch's own node fields are kept
+``feature = null``, and the metric node ``"logit"``. featmatch's own node fields are kept
 under ``featmatch`` keys so :func:`graph_from_json` can rebuild the tables.
 """
 
@@ -53,29 +56,24 @@ __all__ = [
     "plot_compressed_graph",
 ]
 
-#: Required fields and their JSON types, per section (circuit-tracer's pydantic models).
+#: Required fields and their JSON types, per section: what Neuronpedia's graph frontend reads
+#: (circuit-tracer's ``Metadata``/``Node``/``Link`` models). ``qParams`` is optional; when
+#: present its ``supernodes`` must be ``[label, node_id, ...]`` lists of existing nodes.
 REQUIRED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "metadata": {
         "slug": (str,),
         "scan": (str,),
-        "transcoder_list": (list,),
         "prompt_tokens": (list,),
         "prompt": (str,),
     },
-    "qParams": {
-        "pinnedIds": (list,),
-        "supernodes": (list,),
-        "linkType": (str,),
-        "clickedId": (str,),
-        "sg_pos": (str,),
-    },
     "node": {
         "node_id": (str,),
-        "feature": (int,),
+        "feature": (int, type(None)),
         "layer": (str,),
         "ctx_idx": (int,),
         "feature_type": (str,),
         "jsNodeId": (str,),
+        "clerp": (str,),
     },
     "link": {"source": (str,), "target": (str,), "weight": (int, float)},
 }
@@ -129,12 +127,12 @@ def graph_to_json(
         nodes.append(
             {
                 "node_id": nid,
-                "feature": _cantor(int(r.layer), int(r.feature)) if is_f else -1,
+                "feature": _cantor(int(r.layer), int(r.feature)) if is_f else None,
                 "layer": str(int(r.layer)),
                 "ctx_idx": ctx,
                 "feature_type": "cross layer transcoder" if is_f else "mlp reconstruction error",
                 "jsNodeId": f"{int(r.layer)}_{int(r.feature)}-0" if is_f else f"{int(r.layer)}_-1-{ctx}",
-                "clerp": (clerps or {}).get(r.node_id, ""),
+                "clerp": str((clerps or {}).get(r.node_id, "") or ""),
                 "influence": float(r.abs_attribution),
                 "activation": float(r.activation),
                 "token_prob": 0.0,
@@ -179,6 +177,7 @@ def graph_to_json(
             sn.append([str(name), *[ids[n] for n in node_ids[groups.labels == k]]])
     if prompt_tokens is None:
         prompt_tokens = [str(int(t)) for t in task.tokens[0]]
+    prompt_tokens = [str(t) for t in prompt_tokens]
     return {
         "metadata": {
             "slug": slug,
@@ -242,10 +241,16 @@ def validate_graph_json(obj: Any) -> None:
     problems: list[str] = []
     if not isinstance(obj, dict):
         raise ValueError(f"graph JSON must be an object, got {type(obj).__name__}")
-    for key in ("metadata", "qParams", "nodes", "links"):
+    for key in ("metadata", "nodes", "links"):
         if key not in obj:
             problems.append(f"missing required top-level field {key!r}")
-    for sec in ("metadata", "qParams"):
+    if "qParams" in obj and not isinstance(obj["qParams"], dict):
+        problems.append("qParams: must be an object")
+    md = obj.get("metadata")
+    if isinstance(md, dict) and isinstance(md.get("prompt_tokens"), list):
+        if not all(isinstance(t, str) for t in md["prompt_tokens"]):
+            problems.append("metadata.prompt_tokens: expected a list of strings")
+    for sec in ("metadata",):
         d = obj.get(sec)
         if sec in obj and not isinstance(d, dict):
             problems.append(f"{sec}: must be an object")
@@ -335,7 +340,8 @@ def graph_from_json(obj: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame,
             }
         )
     links = pd.DataFrame(obj["links"], columns=["source", "target", "weight"])
-    return pd.DataFrame(rows), links, [list(s) for s in obj["qParams"]["supernodes"]]
+    sn = (obj.get("qParams") or {}).get("supernodes") or []
+    return pd.DataFrame(rows), links, [list(s) for s in sn]
 
 
 def plot_compressed_graph(

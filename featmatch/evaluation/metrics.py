@@ -114,7 +114,10 @@ def _pair_entries(stats: Any, name: str, la: int, lb: int, rows: np.ndarray, col
     """Entries ``M[rows, cols]`` of the pair statistic ``stats.<name>[(la, lb)]``.
 
     Works for dense numpy / torch matrices and scipy sparse matrices. If only the
-    reversed pair ``(lb, la)`` is stored, its transpose is used.
+    reversed pair ``(lb, la)`` is stored, its transpose is used. Without a dense matrix,
+    the evaluated feature pairs of ``stats.pair_edges`` (``gather(evaluate=...)``) are
+    read through ``stats.edge_values``; asking for a pair that was not evaluated is a
+    ``KeyError``.
     """
     obj = getattr(stats, name)
     getter = (lambda k: obj(*k)) if callable(obj) and not isinstance(obj, Mapping) else obj.__getitem__
@@ -124,9 +127,14 @@ def _pair_entries(stats: Any, name: str, la: int, lb: int, rows: np.ndarray, col
         try:
             mat = getter((lb, la))
         except (KeyError, IndexError):
+            edges = getattr(stats, "pair_edges", None)
+            if edges and ((la, lb) in edges or (lb, la) in edges):
+                # the sparse path: only the evaluated feature pairs were summed (no F_a x F_b array)
+                co, pr = stats.edge_values(la, lb, rows, cols)
+                return (co if name == "coact" else pr).astype(np.float64)
             raise KeyError(
                 f"ActivationStats has no {name} for layer pair ({la}, {lb}); "
-                f"gather it with pairs=[({la}, {lb})]"
+                f"gather it with pairs=[({la}, {lb})] or evaluate=[({la}, {lb}, matching)]"
             ) from None
         rows, cols = cols, rows
     if isinstance(mat, torch.Tensor):

@@ -80,6 +80,7 @@ __all__ = [
     "hook_name",
     "evaluate_pruning",
     "pruning_sweep",
+    "same_layer_transfer",
 ]
 
 METHODS = (
@@ -766,7 +767,10 @@ def pruning_sweep(
         One row per (layer, method): ``layer``, ``method`` (label), ``kind`` (canonical
         method), ``fold``, ``q``, ``delta_ce`` (nats), ``ev``, ``mse``, ``ce_clean``,
         ``ce_spliced``, ``n_tokens`` (scored predictions), ``n_ev_tokens``,
-        ``n_transferred``, ``source_hook``, ``target_hook``.
+        ``n_transferred``, ``source_hook``, ``target_hook``, and ``delta_ce_seq``: a float64
+        array with the ΔCE of each sequence (mean over its scored positions; every row's
+        array is over the same sequences, in order, so methods pair per sequence and
+        confidence intervals resample sequences).
 
     Examples
     --------
@@ -790,20 +794,29 @@ def pruning_sweep(
     try:
         bar.set_postfix_str("clean", refresh=False)
         clean_sum, n = 0.0, 0
+        clean_seq: list[torch.Tensor] = []
         for batch in batches:
             clean = token_losses(model, batch).double()
             clean_sum += float(clean.sum())
             n += clean.numel()
+            clean_seq.append(clean.sum(dim=1))
             bar.update(1)
+        clean_by_seq = torch.cat(clean_seq).numpy()
+        per_seq = clean.shape[1] if clean.ndim == 2 else 1
         for t, s in configs:  # one splice (one effective decoder) in memory at a time
             bar.set_postfix_str(f"layer {t} {s['label']}", refresh=False)
             sp = _build(model, sae_by_layer, t, s, start_pos, cache)
             total = 0.0
+            spliced_seq: list[torch.Tensor] = []
             for batch in batches:
                 with sp.attach(model):
-                    total += float(token_losses(model, batch).double().sum())
+                    losses = token_losses(model, batch).double()
+                total += float(losses.sum())
+                spliced_seq.append(losses.sum(dim=1))
                 bar.update(1)
-            rows.append(_row(t, s, sp, clean_sum, total, n))
+            row = _row(t, s, sp, clean_sum, total, n)
+            row["delta_ce_seq"] = (torch.cat(spliced_seq).numpy() - clean_by_seq) / per_seq
+            rows.append(row)
     finally:
         bar.close()
     return pd.DataFrame(rows)
@@ -871,3 +884,52 @@ def evaluate_pruning(
         progress=progress,
     )
     return df.iloc[0].to_dict()
+
+
+def same_layer_transfer(
+    model: Any,
+    tokens: torch.Tensor,
+    sae_a: Any,
+    sae_b: Any,
+    matching: Any,
+    *,
+    fold: bool = True,
+    batch_size: int = 8,
+    start_pos: int = 1,
+) -> dict[str, Any]:
+    r"""ΔCE and EV of encode–permute–decode between two SAEs *of the same layer*.
+
+    The hidden state :math:`h_t` is replaced by :math:`\hat h_t = W'_{dec,B}\,P\,f_A(h_t)
+    + b_{dec,B}` (the transfer of :func:`make_splice`, with A's input taken from the same
+    hook it replaces). With two SAEs of one layer trained from different seeds this is the
+    ceiling for any cross-layer encode–permute–decode: nothing is pruned, only the features
+    are exchanged.
+
+    Returns
+    -------
+    dict
+        ``delta_ce`` (nats), ``ev``, ``delta_ce_seq`` (per sequence, as in
+        :func:`pruning_sweep`), ``n_transferred``.
+    """
+    hook = hook_name(sae_a)
+    if hook != hook_name(sae_b):
+        raise ValueError(f"same_layer_transfer needs two SAEs of one hook point, got {hook} and {hook_name(sae_b)}")
+    perm, _ = _perm_cost(matching)
+    rows = np.flatnonzero(perm >= 0)
+    W = _transfer_decoder(sae_a, sae_b, perm, fold=fold, to_next=rows)
+    pred = _transfer_predictor(sae_a, sae_b, W)
+    sp = Splice(hook, lambda prev, true: pred(true, true), start_pos=start_pos, name="same_layer_transfer",
+                info={"n_transferred": int(rows.size)})
+    clean_seq, spliced_seq = [], []
+    for batch in _batches(tokens, batch_size):
+        clean_seq.append(token_losses(model, batch).double())
+        with sp.attach(model):
+            spliced_seq.append(token_losses(model, batch).double())
+    c, t = torch.cat(clean_seq), torch.cat(spliced_seq)
+    return {
+        "delta_ce": float((t.sum() - c.sum()) / c.numel()),
+        "ev": sp.ev,
+        "delta_ce_seq": ((t - c).mean(dim=1)).numpy(),
+        "n_transferred": int(rows.size),
+    }
+

@@ -34,8 +34,16 @@ Per chosen layer pair ``(la, lb)``:
 These make the matching score ``P(f_b[pi(i)] > 0 | f_a[i] > 0)`` and the Pearson
 correlation of any later matching cheap (:func:`featmatch.evaluation.metrics.matching_score`,
 :func:`featmatch.evaluation.metrics.activation_correlation`). The pair matrices are dense: ``2 * 8 * F_a * F_b``
-bytes per pair, 268 MB at ``F = 4096`` and 4.3 GB at ``F = 16384``; above a few thousand
-features gather a handful of pairs only, or a feature subset.
+bytes per pair, 268 MB at ``F = 4096``, 4.3 GB at ``F = 16384`` and 9.7 GB at 24,576.
+
+Per evaluated edge set (``evaluate=``, the sparse path for real widths):
+
+* ``pair_edges[(la, lb)] = (rows, cols, coact, prod_sum)``: the same two sums, but only
+  for the listed feature pairs ``(i, j)`` (the union of the matchings, assignment
+  ``perm`` or top-k ``(F_a, k)`` arrays, given to :func:`gather`). Memory is
+  ``O(edges)``, never ``F_a * F_b``: the sums are accumulated per batch from the two
+  layers' activation columns, in chunks of edges. The metrics look these up when the
+  dense matrix of the pair was not gathered.
 
 Sampling scheme
 ---------------
@@ -75,6 +83,7 @@ import torch
 from featmatch._hooks import block_index
 from featmatch._hooks import hook_name as resolve_hook_name
 from featmatch._io import atomic_save, cache_dir, tokens_sha256
+from featmatch._threads import fitted_threads
 
 __all__ = [
     "ActivationStats",
@@ -83,6 +92,7 @@ __all__ = [
     "resolve_hook_name",
     "cache_key",
     "cache_path",
+    "sparse_activations",
 ]
 
 FORMAT = "featmatch.lm.activations"
@@ -123,6 +133,10 @@ class ActivationStats:
     coact, prod_sum : dict[tuple[int, int], numpy.ndarray]
         Per pair ``(la, lb)``: ``(F_a, F_b)`` counts of both firing (int64) and sums of
         products ``f_a * f_b`` (float64).
+    pair_edges : dict[tuple[int, int], tuple[numpy.ndarray, ...]]
+        Per evaluated pair ``(la, lb)``: ``(rows, cols, coact, prod_sum)`` for a sorted,
+        unique list of feature pairs only (``evaluate=`` of :func:`gather`); see
+        :meth:`edge_values`.
     top_values, top_positions : dict[int, numpy.ndarray]
         Per layer ``(F, k)``: largest activations (float32, decreasing) and their global
         positions (int64, ``-1`` pad).
@@ -150,6 +164,9 @@ class ActivationStats:
     samples: dict[int, tuple[np.ndarray, np.ndarray]]
     tokens: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    pair_edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
 
     # ---- simple derived quantities ---------------------------------------------------
 
@@ -195,6 +212,50 @@ class ActivationStats:
             f"no co-activation statistics for layers ({la}, {lb}); gathered pairs: {self.pairs}. "
             "Pass pairs=[(la, lb)] to gather()."
         )
+
+    def edge_values(
+        self, la: int, lb: int, rows: np.ndarray, cols: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(coact, prod_sum)`` of the feature pairs ``(rows[e], cols[e])`` of ``(la, lb)``.
+
+        Read from the dense matrices when the pair was gathered densely, else from
+        :attr:`pair_edges` (the reversed pair is used transposed).
+
+        Raises
+        ------
+        KeyError
+            If the layer pair has neither, or an asked feature pair was not evaluated.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        if (la, lb) in self.coact or (lb, la) in self.coact:
+            co, pr = self._pair(la, lb)
+            return co[rows, cols].astype(np.int64), pr[rows, cols].astype(np.float64)
+        if (la, lb) in self.pair_edges:
+            er, ec, eco, epr = self.pair_edges[(la, lb)]
+            qr, qc = rows, cols
+        elif (lb, la) in self.pair_edges:
+            er, ec, eco, epr = self.pair_edges[(lb, la)]
+            qr, qc = cols, rows
+        else:
+            raise KeyError(
+                f"no co-activation statistics for layers ({la}, {lb}); gathered pairs: {self.pairs}, "
+                f"evaluated edges: {list(self.pair_edges)}. Pass pairs=[(la, lb)] or "
+                "evaluate=[(la, lb, matching)] to gather()."
+            )
+        width = max(int(self.d_sae(lb if (la, lb) in self.pair_edges else la)), 1)
+        key = er * width + ec  # sorted by construction
+        q = qr * width + qc
+        at = np.searchsorted(key, q)
+        at = np.minimum(at, max(key.size - 1, 0))
+        ok = key[at] == q if key.size else np.zeros(q.shape, dtype=bool)
+        if not ok.all():
+            e = int(np.flatnonzero(~ok)[0])
+            raise KeyError(
+                f"feature pair ({int(rows[e])}, {int(cols[e])}) of layers ({la}, {lb}) was not evaluated; "
+                "add its matching to gather(evaluate=...)"
+            )
+        return eco[at], epr[at]
 
     def _perm(self, la: int, lb: int, perm: np.ndarray | Any) -> tuple[np.ndarray, np.ndarray]:
         perm = np.asarray(getattr(perm, "perm", perm), dtype=np.int64)
@@ -298,6 +359,9 @@ class ActivationStats:
             p = f"pair{la}_{lb}."
             arrays[p + "coact"] = self.coact[(la, lb)]
             arrays[p + "prod_sum"] = self.prod_sum[(la, lb)]
+        for (la, lb), parts in self.pair_edges.items():
+            for name, arr in zip(("rows", "cols", "coact", "prod_sum"), parts, strict=True):
+                arrays[f"edges{la}_{lb}.{name}"] = arr
         return arrays
 
     def save(self, path: str | Path) -> Path:
@@ -320,6 +384,7 @@ class ActivationStats:
             "version": FORMAT_VERSION,
             "layers": list(self.layers),
             "pairs": [list(p) for p in self.pairs],
+            "edge_pairs": [list(p) for p in self.pair_edges],
             "n_tokens": int(self.n_tokens),
             "hook_names": {str(k): v for k, v in self.hook_names.items()},
             "resid_norm_mean": {str(k): float(v) for k, v in self.resid_norm_mean.items()},
@@ -367,6 +432,7 @@ class ActivationStats:
         try:
             layers = [int(x) for x in header["layers"]]
             pairs = [(int(a), int(b)) for a, b in header["pairs"]]
+            edge_pairs = [(int(a), int(b)) for a, b in header.get("edge_pairs", [])]
             stats = cls(
                 layers=layers,
                 n_tokens=int(header["n_tokens"]),
@@ -384,6 +450,10 @@ class ActivationStats:
                 },
                 tokens=torch.from_numpy(data["tokens"]),
                 meta=header.get("meta", {}),
+                pair_edges={
+                    p: tuple(data[f"edges{p[0]}_{p[1]}.{n}"] for n in ("rows", "cols", "coact", "prod_sum"))
+                    for p in edge_pairs
+                },
             )
             stats._validate()
         except (KeyError, TypeError, ValueError) as exc:
@@ -408,6 +478,9 @@ class ActivationStats:
             shape = (self.d_sae(la), self.d_sae(lb))
             if self.coact[(la, lb)].shape != shape or self.prod_sum[(la, lb)].shape != shape:
                 raise ValueError(f"pair ({la}, {lb}): matrices have the wrong shape")
+        for (la, lb), parts in self.pair_edges.items():
+            if len(parts) != 4 or len({x.shape for x in parts}) != 1:
+                raise ValueError(f"edges ({la}, {lb}): arrays disagree in shape")
 
 
 def _json_default(obj: Any) -> Any:
@@ -493,6 +566,7 @@ def cache_key(
     top_k: int = 16,
     n_samples: int = 64,
     seed: int = 0,
+    edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key of a :func:`gather` call and the provenance it hashes.
 
@@ -523,6 +597,13 @@ def cache_key(
         "n_samples": int(n_samples),
         "seed": int(seed),
     }
+    if edges:  # only when used, so keys of dense-only passes stay what they were
+        h = hashlib.sha256()
+        for (la, lb), (r, c) in sorted(edges.items()):
+            h.update(f"{la},{lb};".encode())
+            h.update(np.ascontiguousarray(r, dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(c, dtype=np.int64).tobytes())
+        prov["evaluate_sha256"] = h.hexdigest()
     key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:32]
     return key, prov
 
@@ -545,6 +626,45 @@ def _normalise_pairs(pairs: Iterable[Sequence[int]], layers: Sequence[int]) -> l
                 )
         if (la, lb) not in out:
             out.append((la, lb))
+    return out
+
+
+def _normalise_evaluate(
+    evaluate: Iterable[Sequence[Any]], layers: Sequence[int], widths: dict[int, int]
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Per layer pair, the sorted unique feature pairs ``(rows, cols)`` of the matchings."""
+    parts: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for item in evaluate:
+        if len(item) != 3:
+            raise ValueError(f"evaluate takes (la, lb, matching) triples, got {len(item)} items")
+        la, lb, m = int(item[0]), int(item[1]), item[2]
+        for L in (la, lb):
+            if L not in layers:
+                raise ValueError(f"evaluate names layer {L}, which has no SAE (layers: {list(layers)})")
+        arrays = []
+        if hasattr(m, "perm"):
+            arrays.append(np.asarray(m.perm))
+            topk = getattr(m, "meta", {}).get("topk_ids")
+            if topk is not None:
+                arrays.append(np.asarray(topk))
+        else:
+            arrays.append(np.asarray(m))
+        for arr in arrays:
+            arr = arr.astype(np.int64).reshape(arr.shape[0], -1)
+            if arr.shape[0] != widths[la]:
+                raise ValueError(
+                    f"a matching for ({la}, {lb}) has {arr.shape[0]} rows, layer {la} has {widths[la]}"
+                )
+            if arr.size and (arr.max() >= widths[lb] or arr.min() < -1):
+                raise ValueError(f"matching entries for ({la}, {lb}) must be -1 or in [0, {widths[lb]})")
+            r, k = np.nonzero(arr >= 0)
+            parts.setdefault((la, lb), []).append((r, arr[r, k]))
+    out = {}
+    for key, lst in parts.items():
+        r = np.concatenate([x[0] for x in lst])
+        c = np.concatenate([x[1] for x in lst])
+        flat = np.unique(r * widths[key[1]] + c)
+        out[key] = (flat // widths[key[1]], flat % widths[key[1]])
     return out
 
 
@@ -740,6 +860,7 @@ def gather(
     tokens: torch.Tensor,
     *,
     pairs: Sequence[tuple[int, int]] = (),
+    evaluate: Sequence[tuple[int, int, Any]] = (),
     top_k: int = 16,
     n_samples: int = 64,
     seed: int = 0,
@@ -761,7 +882,15 @@ def gather(
         Column 0 is BOS and is excluded from every statistic.
     pairs : sequence of (int, int)
         Layer pairs for which ``coact`` and ``prod_sum`` are gathered (dense
-        ``(F_a, F_b)`` matrices; see the module docstring for memory).
+        ``(F_a, F_b)`` matrices; see the module docstring for memory). Use it at small
+        widths or when every pair's statistic is wanted.
+    evaluate : sequence of (la, lb, matching)
+        The sparse path: matchings whose feature pairs get the two sums in
+        :attr:`ActivationStats.pair_edges` (memory ``O(edges)``). ``matching`` is a
+        :class:`featmatch.matching.Matching` (its ``perm``, plus ``meta["topk_ids"]`` when
+        present), an ``(F_a,)`` perm or an ``(F_a, k)`` array of feature ids of ``lb``
+        (``-1`` skipped). All matchings of one layer pair share one edge list. The
+        metrics of :mod:`featmatch.evaluation.metrics` read it transparently.
     top_k : int
         Top activations kept per feature.
     n_samples : int
@@ -800,6 +929,8 @@ def gather(
     hook_names = {L: resolve_hook_name(saes[L], L) for L in layers}
     _check_hooks(model, hook_names)
     pair_list = _normalise_pairs(pairs, layers)
+    widths = {L: int(saes[L].cfg.d_sae) for L in layers}
+    edges = _normalise_evaluate(evaluate, layers, widths)
     d_model = int(model.cfg.d_model)
     for L in layers:
         d_in = int(saes[L].cfg.d_in)
@@ -812,7 +943,7 @@ def gather(
     key = path = prov = None
     if cache:
         key, prov = cache_key(
-            model, saes, tokens, pairs=pair_list, top_k=top_k, n_samples=n_samples, seed=seed
+            model, saes, tokens, pairs=pair_list, top_k=top_k, n_samples=n_samples, seed=seed, edges=edges
         )
         path = cache_path(key)
         if path.exists():
@@ -831,6 +962,7 @@ def gather(
         layers=layers,
         hook_names=hook_names,
         pairs=pair_list,
+        edges=edges,
         top_k=top_k,
         n_samples=n_samples,
         seed=seed,
@@ -868,6 +1000,7 @@ def _check_tokens(tokens: Any) -> torch.Tensor:
     return tokens.to(torch.int64).cpu()
 
 
+@fitted_threads()  # torch threads for the CPUs free now (featmatch._threads)
 def _run(
     model: Any,
     saes: dict[int, Any],
@@ -876,6 +1009,7 @@ def _run(
     layers: list[int],
     hook_names: dict[int, str],
     pairs: list[tuple[int, int]],
+    edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
     top_k: int,
     n_samples: int,
     seed: int,
@@ -901,6 +1035,12 @@ def _run(
     prod = {p: np.zeros((widths[p[0]], widths[p[1]]), dtype=np.float64) for p in pairs}
     a_side = {p[0] for p in pairs}
     b_side = {p[1] for p in pairs}
+    edges = edges or {}
+    e_side = {L for p in edges for L in p}
+    e_coact = {p: np.zeros(len(r), dtype=np.int64) for p, (r, _) in edges.items()}
+    e_prod = {p: np.zeros(len(r), dtype=np.float64) for p, (r, _) in edges.items()}
+    e_idx = {p: (torch.from_numpy(r), torch.from_numpy(c)) for p, (r, c) in edges.items()}
+    dense_e: dict[int, torch.Tensor] = {}  # layer -> acts (n, F) of this batch
 
     batch_state: dict[str, Any] = {}
     sparse_t: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (A^T ones, A^T acts) CSR
@@ -917,6 +1057,19 @@ def _run(
             fire_b, acts_b = dense_b[lb]
             coact[(la, lb)] += (ones_t @ fire_b).round_().to(torch.int64).cpu().numpy()
             prod[(la, lb)] += (acts_t @ acts_b).cpu().numpy()
+
+    def do_edges() -> None:
+        for p, (r, c) in e_idx.items():
+            if p[0] not in dense_e or p[1] not in dense_e or p in batch_state["done_e"]:
+                continue
+            batch_state["done_e"].add(p)
+            acts_a, acts_b = dense_e[p[0]], dense_e[p[1]]
+            step = max(1, (1 << 23) // max(acts_a.shape[0], 1))  # <= 8M entries per product
+            for s0 in range(0, len(r), step):
+                ga = acts_a[:, r[s0 : s0 + step].to(acts_a.device)]
+                gb = acts_b[:, c[s0 : s0 + step].to(acts_b.device)]
+                e_prod[p][s0 : s0 + step] += (ga * gb).sum(0, dtype=torch.float64).cpu().numpy()
+                e_coact[p][s0 : s0 + step] += ((ga > 0) & (gb > 0)).sum(0).cpu().numpy()
 
     def make_hook(layer: int) -> Callable[[torch.Tensor, Any], None]:
         F = widths[layer]
@@ -955,10 +1108,16 @@ def _run(
                         torch.sparse_csr_tensor(crow_t, r_sorted, torch.ones_like(v_sorted), (F, n)),
                         torch.sparse_csr_tensor(crow_t, r_sorted, v_sorted, (F, n)),
                     )
-            if layer in b_side:
-                dense_b[layer] = (mask.float(), _dense(hidden.float(), mask))
+            if layer in b_side or layer in e_side:
+                acts = _dense(hidden.float(), mask)
+                if layer in b_side:
+                    dense_b[layer] = (mask.float(), acts)
+                if layer in e_side:
+                    dense_e[layer] = acts
             if layer in a_side or layer in b_side:
                 do_pairs(layer)
+            if layer in e_side:
+                do_edges()
 
         return hook
 
@@ -977,15 +1136,17 @@ def _run(
                 batch = tokens[start : start + batch_size]
                 seqs = torch.arange(start, start + batch.shape[0])
                 gpos = (seqs[:, None] * seq_len + seq_pos[None, :]).reshape(-1).numpy()
-                batch_state.update(gpos=gpos, prio=priority[gpos], done=set())
+                batch_state.update(gpos=gpos, prio=priority[gpos], done=set(), done_e=set())
                 sparse_t.clear()
                 dense_b.clear()
+                dense_e.clear()
                 model.run_with_hooks(batch.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop)
                 bar.update(batch.shape[0] * (seq_len - 1))
     finally:
         bar.close()
         sparse_t.clear()
         dense_b.clear()
+        dense_e.clear()
 
     for L in layers:
         acc[L].finish()
@@ -1005,8 +1166,75 @@ def _run(
         samples={L: (acc[L].res.pos, acc[L].res.val) for L in layers},
         tokens=tokens,
         meta={"stop_at_layer": stop, "widths": {str(L): widths[L] for L in layers}},
+        pair_edges={p: (edges[p][0], edges[p][1], e_coact[p], e_prod[p]) for p in edges},
     )
     for L in layers:
         if not (np.isfinite(stats.act_sum[L]).all() and np.isfinite(stats.act_sq_sum[L]).all()):
             raise ValueError(f"non-finite SAE activations at layer {L} (hook {hook_names[L]})")
     return stats
+
+
+def sparse_activations(
+    model: Any,
+    saes: dict[int, Any],
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 16,
+    fast_encode: bool = True,
+) -> dict[int, Any]:
+    """Every layer's SAE activations as a sparse ``(n_tokens, F)`` matrix (BOS excluded).
+
+    Row ``t`` is the ``t``-th non-BOS position in sequence order (the positions counted by
+    :attr:`ActivationStats.n_tokens`); only firing entries (``> 0``) are stored, so memory
+    is ``12 * n_tokens * L0`` bytes per layer (about 12 MB for 16k tokens at L0 = 64),
+    not ``n_tokens * F``. The input of the blocked all-pairs correlation
+    (:func:`featmatch.matching.baselines.coactivation_topk`) at 16k–65k widths.
+
+    Returns
+    -------
+    dict int -> scipy.sparse.csr_matrix (float32)
+    """
+    from scipy.sparse import csr_matrix
+
+    tokens = _check_tokens(tokens)
+    layers = sorted(int(k) for k in saes)
+    saes = {int(k): v for k, v in saes.items()}
+    hook_names = {L: resolve_hook_name(saes[L], L) for L in layers}
+    _check_hooks(model, hook_names)
+    stop = _stop_layer(model, hook_names.values())
+    encoders = {
+        L: (_fast_encoder(saes[L]) if fast_encode else None) or _generic_encoder(saes[L]) for L in layers
+    }
+    widths = {L: int(saes[L].cfg.d_sae) for L in layers}
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {L: [] for L in layers}
+    offset = {"rows": 0}
+
+    def make_hook(layer: int) -> Callable[[torch.Tensor, Any], None]:
+        def hook(resid: torch.Tensor, hook: Any = None) -> None:
+            x = resid[:, 1:]
+            if x.ndim != 3:
+                x = x.reshape(x.shape[0], x.shape[1], -1)
+            hidden, mask = encoders[layer](x.to(getattr(saes[layer], "dtype", torch.float32)))
+            flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
+            vals = hidden.reshape(-1)[flat].float().cpu().numpy()
+            rows, cols = np.divmod(flat.cpu().numpy(), widths[layer])
+            parts[layer].append((rows + offset["rows"], cols, vals))
+
+        return hook
+
+    device = getattr(model.cfg, "device", None) or "cpu"
+    fwd_hooks = [(hook_names[L], make_hook(L)) for L in layers]
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size]
+            model.run_with_hooks(batch.to(device), fwd_hooks=fwd_hooks, stop_at_layer=stop)
+            offset["rows"] += batch.shape[0] * (tokens.shape[1] - 1)
+    n = offset["rows"]
+    out = {}
+    for L in layers:
+        if parts[L]:
+            r, c, v = (np.concatenate(x) for x in zip(*parts[L], strict=True))
+        else:
+            r, c, v = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        out[L] = csr_matrix((v.astype(np.float32), (r, c)), shape=(n, widths[L]))
+    return out

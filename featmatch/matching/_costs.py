@@ -26,6 +26,7 @@ __all__ = [
     "rounding_bound",
     "cost_matrix",
     "assign",
+    "interruptible_lsa",
     "ONS",
     "METRICS",
     "SOLVERS",
@@ -246,7 +247,7 @@ def cost_matrix(
     """
     check_option("on", on, ONS)
     check_option("metric", metric, METRICS)
-    wa, wb = weights(sae_a), weights(sae_b)
+    wa, wb = weights(sae_a, side="A", fold=fold), weights(sae_b, side="B", fold=fold)
     check_same_d_in(wa, wb)
     xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
     xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
@@ -255,6 +256,8 @@ def cost_matrix(
 
 def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact minimum-cost assignment of rows to columns (scipy ``linear_sum_assignment``).
+
+    Interruptible: large matrices are solved in a worker process (:func:`interruptible_lsa`).
 
     .. math::
 
@@ -275,8 +278,6 @@ def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pair_cost : (F_A,) np.ndarray of float64
         ``cost[i, perm[i]]``, NaN where ``perm[i] == -1``.
     """
-    from scipy.optimize import linear_sum_assignment
-
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
@@ -285,7 +286,98 @@ def assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     perm = np.full(cost.shape[0], -1, dtype=np.int64)
     pair_cost = np.full(cost.shape[0], np.nan, dtype=np.float64)
     if cost.size:
-        rows, cols = linear_sum_assignment(cost)
+        rows, cols = interruptible_lsa(cost)
         perm[rows] = cols
         pair_cost[rows] = cost[rows, cols]
     return perm, pair_cost
+
+
+#: Cost matrices with at least this many entries are solved in a worker process by
+#: :func:`interruptible_lsa` (1024² takes well under a second inline; 8192² random costs
+#: take minutes); smaller ones are solved in this process.
+WORKER_MIN_ENTRIES = 1 << 20
+
+
+def interruptible_lsa(
+    cost: np.ndarray, *, worker_min_entries: int | None = None, poll_seconds: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """scipy ``linear_sum_assignment(cost)``, stoppable by Ctrl-C (SIGINT) at any moment.
+
+    scipy's solver does not return to Python until it is done (minutes for an 8192²
+    matrix), so a ``KeyboardInterrupt`` would wait for it. A large problem is therefore
+    solved in a forked worker process that inherits ``cost`` (copy-on-write: no copy and
+    no pickling of the matrix) and sends back only ``rows, cols``. The calling thread
+    waits on the pipe in slices of ``poll_seconds``, so SIGINT raises ``KeyboardInterrupt``
+    here at once; the worker is then killed (it ignores SIGINT itself) and reaped before
+    the exception propagates, so nothing keeps running. A worker process, not a thread:
+    an abandoned thread would keep a core busy until the solve ends (in a notebook kernel,
+    for minutes). Where ``fork`` is unavailable the solve runs inline.
+
+    Parameters
+    ----------
+    cost : (F_A, F_B) np.ndarray
+        As for ``scipy.optimize.linear_sum_assignment``.
+    worker_min_entries : int, optional
+        Solve inline below this many entries (default :data:`WORKER_MIN_ENTRIES`).
+    poll_seconds : float
+        Longest wait between two checks for an interrupt.
+
+    Returns
+    -------
+    rows, cols : np.ndarray
+        As ``linear_sum_assignment`` returns them.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        On SIGINT (the worker is gone when it propagates).
+    ValueError
+        What scipy raised in the worker (e.g. an infeasible cost matrix).
+    RuntimeError
+        If the worker died without an answer (e.g. killed by the OOM killer).
+    """
+    import multiprocessing as mp
+
+    from scipy.optimize import linear_sum_assignment
+
+    limit = WORKER_MIN_ENTRIES if worker_min_entries is None else int(worker_min_entries)
+    if cost.size < limit or "fork" not in mp.get_all_start_methods():
+        return linear_sum_assignment(cost)
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_lsa_worker, args=(cost, send), name="featmatch-lsa", daemon=True)
+    proc.start()
+    send.close()  # the worker holds the only write end: EOF on the pipe means it is gone
+    try:
+        while not recv.poll(poll_seconds):
+            pass
+        try:
+            status, payload = recv.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(
+                f"the assignment worker (pid {proc.pid}) died without a result (exit code {proc.exitcode})"
+            ) from None
+    finally:
+        if proc.is_alive() and proc.exitcode is None:
+            proc.kill()
+        proc.join()
+        recv.close()
+    if status != "ok":
+        raise ValueError(payload)
+    return payload
+
+
+def _lsa_worker(cost: np.ndarray, conn: Any) -> None:
+    """Body of :func:`interruptible_lsa`'s worker: solve, send ``("ok", (rows, cols))`` or the error."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
+    try:
+        from scipy.optimize import linear_sum_assignment
+
+        conn.send(("ok", linear_sum_assignment(cost)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

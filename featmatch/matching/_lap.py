@@ -43,8 +43,20 @@ d. certifies every pair: known edges directly; an excluded pair (i, j) is cleare
    row's bound unless :math:`v_j > \\ell_i - u_i + \\tau`. Sorting the columns by :math:`v`
    makes the columns a row must check exactly a *prefix*; only those products are computed.
    Violations move their rows (and the owners of their columns) into the core and the core
-   is re-solved. If the core outgrows ``core_max_entries`` or ``max_rounds`` pass, the
-   general loop above runs.
+   is re-solved (reusing the previous round's block: only new rows and columns are
+   multiplied). If the core outgrows ``core_max_entries`` or ``max_rounds`` pass, the
+   general loop above runs. A core above ``_CORE_ALL_SHARE`` (75%) of the rows becomes the
+   whole problem.
+
+**Many unpartnered features (issue 18).** With 40% of the features unpartnered, the core
+is the block of unpartnered features against each other: a random assignment problem that
+any exact solver of the full permutation must solve. It stays one square lapjv solve (see
+``docs/decisions.md``, *Sparse solver's dense core*, for the sparse alternative measured).
+When the user gives a threshold, :func:`threshold_match` solves the *thresholded* problem
+instead (every feature may stay unmatched at cost :math:`\\lambda`): only pairs cheaper than
+:math:`\\lambda` can be in its optimum, so that block disappears. ``solver="auto"``
+(:data:`AUTO_DENSE_CORE_SHARE`) switches to the dense solver when the first pass predicts a
+large rectangular core.
 
 Costs are *effective* costs :math:`e_{ij} = C_{ij} - |b_j|^2/D` for square mse (a full
 assignment uses every column once, so the optimum is unchanged) and :math:`C` otherwise; the
@@ -141,10 +153,18 @@ import torch
 
 from featmatch.matching._costs import METRICS, U32, Metric, assign, check_option, gamma, pairwise_cost
 
-__all__ = ["sparse_match", "auto_solver", "SparseMatchInfo", "default_block_size"]
+__all__ = [
+    "sparse_match",
+    "threshold_match",
+    "threshold_assign",
+    "auto_solver",
+    "SparseMatchInfo",
+    "default_block_size",
+]
 
 _BLOCK_BYTES = 128 * 2**20  # one float32 (block_size, F_B) buffer
 _WEAK_MAX_FRACTION = 0.02  # weak pairs moved up front: at most this share of the core's size (or 32)
+_CORE_ALL_SHARE = 0.75  # a core with more rows than this share of n becomes the whole problem
 _LAPJV_MIN = 256  # square cores from this size go to lapjv (below it both solvers take ~1 ms)
 
 
@@ -185,7 +205,9 @@ class SparseMatchInfo:
     certified : bool
         Whether the returned assignment carries a passed optimality certificate.
     fallback : str or None
-        ``"dense"`` if the dense solver produced the result, else None.
+        ``"dense"`` if the dense solver produced the result after the sparse rounds,
+        ``"auto-dense"`` if ``auto_dense_share`` sent a predicted large rectangular core to
+        it, else None.
     gap_bound : float
         Certified bound on ``total_cost - optimum`` (:math:`n\\tau`) for the numbers the
         solver used (:math:`C'`, module docstring, *Rounding*); NaN if not certified.
@@ -200,7 +222,8 @@ class SparseMatchInfo:
         ``fallback``, ``total``.
     path : str
         ``"core"`` if the fast path (fixed mutual-best pairs + dense exact core) certified
-        the result, ``"sparse"`` if the general LAPJVsp loop ran.
+        the result, ``"sparse"`` if the general LAPJVsp loop ran, ``"dense"`` after the
+        ``auto_dense_share`` switch, ``"threshold"`` for :func:`threshold_match`.
     core_rows : list of int
         Per fast-path round, the rows in the dense core.
     core_solver : str
@@ -717,6 +740,42 @@ def _largest_duals_dijkstra(E: np.ndarray, pc: np.ndarray, p: np.ndarray) -> np.
     return np.minimum(final + p - top, 0.0)
 
 
+def _grow_block(
+    prev: tuple[np.ndarray, np.ndarray, torch.Tensor] | None,
+    R: np.ndarray,
+    C: np.ndarray,
+    compute: Any,
+) -> torch.Tensor:
+    """``E[R][:, C]``, reusing the entries of the previous round's block ``prev = (R0, C0, E0)``.
+
+    The core only grows between rounds (rows leave the fixed set, their columns join), so
+    the new block is the old one plus new rows and new columns: only those products are
+    computed (``compute(rows, cols)``).
+    """
+    if prev is None or prev[0].size == 0:
+        return compute(R, C)
+    R0, C0, E0 = prev
+    old_r = np.isin(R, R0)
+    old_c = np.isin(C, C0)
+    if not old_r.all() or not old_c.all():
+        if not (np.isin(R0, R).all() and np.isin(C0, C).all()):
+            return compute(R, C)
+    out = torch.empty(R.size, C.size, dtype=torch.float64)
+    ir = np.flatnonzero(old_r)
+    ic = np.flatnonzero(old_c)
+    pr = np.searchsorted(R0, R[ir])
+    pcol = np.searchsorted(C0, C[ic])
+    if ir.size and ic.size:
+        out[np.ix_(ir, ic)] = E0[np.ix_(pr, pcol)]
+    nr = np.flatnonzero(~old_r)
+    nc = np.flatnonzero(~old_c)
+    if nr.size:
+        out[nr] = compute(R[nr], C)
+    if nc.size and ir.size:
+        out[np.ix_(ir, nc)] = compute(R[ir], C[nc])
+    return out
+
+
 def _core_solve(
     ra: _Side,
     cb: _Side,
@@ -732,6 +791,7 @@ def _core_solve(
     times: dict[str, float],
     mm_threads: int = 0,
     weak_pairs: bool = True,
+    auto_dense_share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     r"""Exact assignment with a certificate, fast when most features have an obvious partner.
 
@@ -790,18 +850,25 @@ def _core_solve(
     n_core = int((~fixed_rows).sum())
     if weak_pairs and n_core >= 16 and fixed_rows.any():
         cand_w = np.flatnonzero(fixed_rows & (gap <= float(np.median(gap[~fixed_rows]))))
-        cap = min(max(math.ceil(_WEAK_MAX_FRACTION * n_core), 32), max(0, n // 3 - n_core))
+        cap = min(max(math.ceil(_WEAK_MAX_FRACTION * n_core), 32), max(0, int(_CORE_ALL_SHARE * n) - n_core))
         weak = cand_w[np.argsort(gap[cand_w], kind="stable")[:cap]]
         fixed_rows[weak] = False
         info.weak_moved = int(weak.size)
+    if auto_dense_share is not None and n != m and (~fixed_rows).sum() > auto_dense_share * n:
+        # solver="auto": a large rectangular core (scipy, no potentials, re-solved per round)
+        # is predicted slower than the dense solve of the whole problem (module constant
+        # AUTO_DENSE_CORE_SHARE); the caller solves densely
+        info.core_rows = [int((~fixed_rows).sum())]
+        return None
     owner = np.full(m, -1, dtype=np.int64)  # fixed row owning each column
     owner[bcol[fixed_rows]] = np.flatnonzero(fixed_rows)
-    if (~fixed_rows).sum() > n // 3:
+    if (~fixed_rows).sum() > _CORE_ALL_SHARE * n:
         # little structure: one core for everything (the dense problem) beats growing rounds
         fixed_rows[:] = False
         owner[:] = -1
     eps = 1e-15 * max(float(np.abs(ec).max()) if ec.size else 1.0, 1e-300) + 1e-300
     info.core_rows = []
+    prev_block: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None
     for rnd in range(1, max_rounds + 1):
         info.rounds = rnd
         R = np.flatnonzero(~fixed_rows)
@@ -813,10 +880,13 @@ def _core_solve(
         # ---- dense exact core ------------------------------------------------------------
         t = time.perf_counter()
         E = (
-            _eff_block(ra, cb, R, C, metric, alpha, mm_threads)
+            _grow_block(
+                prev_block, R, C, lambda rr, cc: _eff_block(ra, cb, rr, cc, metric, alpha, mm_threads)
+            )
             if R.size
             else torch.zeros(0, C.size, dtype=torch.float64)
         )
+        prev_block = (R, C, E)
         times["core"] += time.perf_counter() - t
         t = time.perf_counter()
         match_col = np.full(n, -1, dtype=np.int64)
@@ -975,7 +1045,7 @@ def _core_solve(
         move = move[fixed_rows[move]]
         owner[match_col[move]] = -1
         fixed_rows[move] = False
-        if (~fixed_rows).sum() > n // 3:
+        if (~fixed_rows).sum() > _CORE_ALL_SHARE * n:
             # little structure (e.g. unrelated SAEs): growing the core by a few rows per round
             # would re-solve it many times; solve the whole problem as one core instead
             fixed_rows[:] = False
@@ -1024,6 +1094,7 @@ def sparse_match(
     core: bool = True,
     core_max_entries: float | None = None,
     weak_pairs: bool = True,
+    auto_dense_share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
     """Exact minimum-cost assignment between the rows of two feature matrices, with a certificate.
 
@@ -1082,6 +1153,11 @@ def sparse_match(
         Move weak mutual-best pairs (gap to the row's bound no larger than the median core
         row's) into the core before the first solve (default). Affects speed only; ``False``
         is the plain fast path, for ablations.
+    auto_dense_share : float, optional
+        ``solver="auto"``'s switch (:data:`AUTO_DENSE_CORE_SHARE`): when the first pass
+        predicts a *rectangular* core with more than this share of the rows, solve the whole
+        problem densely instead (``info.fallback == "auto-dense"``, ``info.path == "dense"``);
+        None (default) never switches.
 
     Returns
     -------
@@ -1133,6 +1209,7 @@ def sparse_match(
         use_core=bool(core),
         core_max_entries=core_max_entries,
         weak_pairs=bool(weak_pairs),
+        auto_dense_share=auto_dense_share,
     )
     return out if return_info else out[:2]
 
@@ -1151,6 +1228,7 @@ def _sparse_match_sides(
     use_core: bool = True,
     core_max_entries: float | None = None,
     weak_pairs: bool = True,
+    auto_dense_share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
     """:func:`sparse_match` on prepared sides (shared with :func:`match_stack`)."""
     f_a, f_b = sa.n, sb.n
@@ -1198,6 +1276,7 @@ def _sparse_match_sides(
     alpha = bounds.alpha
     cols_np = cols.numpy()
     core_match = None
+    go_dense = False
     if use_core:
         ec = costs.numpy() - alpha[cols_np] if alpha.any() else costs.numpy()
         with _single_thread() as mm_threads:
@@ -1216,7 +1295,9 @@ def _sparse_match_sides(
                 times,
                 mm_threads,
                 weak_pairs,
+                auto_dense_share,
             )
+        go_dense = core_match is None and auto_dense_share is not None and info.rounds == 0
     if core_match is not None:
         info.path = "core"
         perm_r, e_r = core_match
@@ -1227,7 +1308,7 @@ def _sparse_match_sides(
     else:
         info.path = "sparse"
     rounds0 = info.rounds
-    for rnd in range(1, max_rounds + 1 if core_match is None else 1):
+    for rnd in range(1, max_rounds + 1 if core_match is None and not go_dense else 1):
         info.rounds = rounds0 + rnd
         # ---- phase 2: sparse exact assignment ----------------------------------------
         t = time.perf_counter()
@@ -1362,12 +1443,14 @@ def _sparse_match_sides(
         cost_r = e_cost[pos]
         info.certified = True
         info.gap_bound = float(n * tau)
-    elif dense_fallback and _dense_fits(n, m, dense_max_bytes):
+    elif (dense_fallback or go_dense) and _dense_fits(n, m, dense_max_bytes):
         t = time.perf_counter()
         full = pairwise_cost(ra.x, cb.x, metric=metric, block_size=bs)
         perm_r, cost_r = assign(full)
         del full
-        info.fallback = "dense"
+        info.fallback = "auto-dense" if go_dense else "dense"
+        if go_dense:
+            info.path = "dense"
         info.certified = True
         info.gap_bound = 0.0
         times["fallback"] = time.perf_counter() - t
@@ -1398,6 +1481,244 @@ def _sparse_match_sides(
     return perm_a, cost_a, info
 
 
+# --------------------------------------------------------------------------------------
+# The thresholded problem: every feature may stay unmatched at a fixed cost
+# --------------------------------------------------------------------------------------
+
+
+def _threshold_lap(
+    e_row: np.ndarray, e_col: np.ndarray, e_cost: np.ndarray, n: int, m: int, lam: float
+) -> np.ndarray:
+    r"""Optimal partial matching on the edges (all with cost < ``lam``): column per row, -1 = unmatched.
+
+    The problem splits into the connected components of the edge graph (scipy
+    ``connected_components``): a component with one row and one column is its pair; every
+    other component is solved exactly as the dense assignment of its clipped costs
+    :math:`\min(C, \lambda)` (non-edges cost :math:`\lambda`, a pair at :math:`\lambda` is
+    worth its row's dummy, so it counts as unmatched) by :func:`featmatch.matching.assign`.
+    Why components and not one sparse solve with a dummy column per row (scipy LAPJVsp):
+    where many pairs of unpartnered features fall below the threshold, LAPJVsp on the
+    whole graph was measured ~16x the floor at 2,048 x 256 (40% unpartnered, noise 0.8).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    perm = np.full(n, -1, dtype=np.int64)
+    if e_row.size == 0:
+        return perm
+    graph = coo_matrix((np.ones(e_row.size), (e_row, n + e_col)), shape=(n + m, n + m))
+    _, label = connected_components(graph, directed=False)
+    lab_r = label[:n]
+    # component sizes (rows, columns) over the nodes that have edges
+    deg_r = np.bincount(e_row, minlength=n) > 0
+    deg_c = np.bincount(e_col, minlength=m) > 0
+    n_lab = int(label.max()) + 1
+    rows_in = np.bincount(lab_r[deg_r], minlength=n_lab)
+    cols_in = np.bincount(label[n:][deg_c], minlength=n_lab)
+    single = (rows_in == 1) & (cols_in == 1)
+    one = single[lab_r[e_row]]
+    perm[e_row[one]] = e_col[one]  # a lone edge below lam: its pair
+    rest = ~one
+    if not rest.any():
+        return perm
+    er, ec, eco = e_row[rest], e_col[rest], e_cost[rest]
+    comp = lab_r[er]
+    order = np.argsort(comp, kind="stable")
+    er, ec, eco, comp = er[order], ec[order], eco[order], comp[order]
+    bounds_ = np.flatnonzero(np.diff(comp)) + 1
+    for lo, hi in zip(np.r_[0, bounds_], np.r_[bounds_, comp.size], strict=True):
+        rr, rinv = np.unique(er[lo:hi], return_inverse=True)
+        cc, cinv = np.unique(ec[lo:hi], return_inverse=True)
+        if 8.0 * rr.size * cc.size > 0.25 * float(psutil.virtual_memory().available):
+            # too large to clip densely: LAPJVsp on the component's edges, one dummy per row
+            mc = _solve_sparse(rinv, cinv, eco[lo:hi] - lam, rr.size, cc.size, 0.0)
+            ok = mc < cc.size
+            perm[rr[ok]] = cc[mc[ok]]
+            continue
+        block = np.full((rr.size, cc.size), lam)
+        block[rinv, cinv] = eco[lo:hi]
+        p_blk, c_blk = assign(block)
+        ok = (p_blk >= 0) & (c_blk < lam)
+        perm[rr[ok]] = cc[p_blk[ok]]
+    return perm
+
+
+def threshold_assign(cost: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""Exact thresholded assignment on a dense cost matrix (the dense reference of :func:`threshold_match`).
+
+    Solves :math:`\min_M \sum_{(i,j)\in M} C_{ij} + \lambda\,(F_A - |M|)` over partial
+    matchings :math:`M` (see :func:`threshold_match`) on the entries below :math:`\lambda`
+    only, sparsely (entries at or above it are never better than leaving the row unmatched).
+
+    Returns ``(perm, pair_cost)`` with -1 / NaN for unmatched rows.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2:
+        raise ValueError(f"cost must be a 2-D matrix, got shape {cost.shape}")
+    n, m = cost.shape
+    lam = float(threshold)
+    e_row, e_col = np.nonzero(cost < lam)
+    perm = _threshold_lap(e_row, e_col, cost[e_row, e_col], n, m, lam)
+    pair_cost = np.full(n, np.nan)
+    ok = perm >= 0
+    pair_cost[ok] = cost[np.flatnonzero(ok), perm[ok]]
+    return perm, pair_cost
+
+
+def threshold_match(
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    threshold: float,
+    metric: Metric = "mse",
+    k: int = 8,
+    block_size: int | None = None,
+    device: str | torch.device | None = None,
+    return_info: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
+    r"""Exact assignment in which every feature may stay unmatched at a fixed cost (certified, sparse).
+
+    Solves, over partial matchings :math:`M` (injective, each row and column at most once),
+
+    .. math::
+
+        \min_M\ \sum_{(i,j)\in M} C_{ij} + \lambda\,(F_A - |M|),
+
+    i.e. a rectangular assignment in which row *i* may take a private dummy column at cost
+    :math:`\lambda` (``threshold``). An unmatched column of B may be charged
+    :math:`\lambda_B` as well: that adds :math:`\lambda_B (F_B - |M|)`, the same problem with
+    :math:`\lambda + \lambda_B`, so one threshold covers both sides.
+
+    **Relation to the full permutation's optimum.** Let :math:`\pi^\star` be the optimum of
+    the full assignment (:func:`sparse_match`) and :math:`\tilde C = \min(C, \lambda)`.
+
+    * The thresholded optimum :math:`T(\lambda)` equals the full assignment's optimum on
+      :math:`\tilde C` (for :math:`F_A \le F_B`; for :math:`F_A > F_B` plus
+      :math:`\lambda` per row left over): a pair with :math:`C_{ij} \ge \lambda` is worth
+      exactly a dummy, and a partial matching extends to a full one with clipped pairs.
+    * :math:`T(\lambda) \le` the cost of *masking* :math:`\pi^\star` (its pairs above
+      :math:`\lambda` set unmatched, the old ``match(unmatched_above=...)``), which is
+      :math:`\le \sum_i C_{i\pi^\star(i)}`. The two pair sets differ in general: masking
+      keeps the pairs of a permutation that was forced to place every feature, the
+      thresholded optimum re-assigns features whose full-problem partner was only taken
+      to make room for others. Every kept pair has :math:`C_{ij} < \lambda` in both.
+    * :math:`T(\lambda)` is non-decreasing and concave in :math:`\lambda`; for
+      :math:`\lambda > \max_i C_{i\pi^\star(i)}` (and :math:`F_A \le F_B`) the thresholded
+      optimum is the full one (any optimum of the clipped problem then is one of :math:`C`).
+
+    Why it is fast: only pairs cheaper than :math:`\lambda` can be in an optimal :math:`M`
+    (replacing a pair with :math:`C_{ij} \ge \lambda` by the dummy never costs more). With
+    :math:`\lambda` below the cost of chance pairs, the block of unpartnered features, the
+    hard part of the full problem, has no edges at all. So: one blocked pass keeps the
+    ``k`` cheapest columns of every row and a rigorous lower bound :math:`\ell_i` on the
+    others (:func:`_candidate_pass` with the cost itself as the key); rows with
+    :math:`\ell_i < \lambda` (more than ``k`` columns might be below :math:`\lambda`) get their
+    full row recomputed; the edges below :math:`\lambda` and one dummy per row go to LAPJVsp.
+    The **certificate** is that every excluded pair is proved :math:`\ge \lambda` (by the
+    bound, or exactly by the recheck); the result is then optimal for the numbers used
+    (:math:`C'` of the module docstring, *Rounding*) with no tolerance. Pairs at exactly
+    :math:`\lambda` are left unmatched (the objective does not change).
+
+    Parameters
+    ----------
+    x_a : (F_A, D) torch.Tensor
+    x_b : (F_B, D) torch.Tensor
+    threshold : float
+        :math:`\lambda`, finite.
+    metric : {"mse", "cosine"}
+    k : int
+        Candidates per row in the blocked pass (default 8: rows with more columns below
+        :math:`\lambda` are rechecked exactly).
+    block_size, device
+        As in :func:`sparse_match`.
+    return_info : bool
+        Also return a :class:`SparseMatchInfo` (``path="threshold"``; ``rows_rechecked``,
+        ``n_edges`` = edges below the threshold).
+
+    Returns
+    -------
+    perm : (F_A,) np.ndarray of int64
+        Column of B per row, -1 if unmatched.
+    pair_cost : (F_A,) np.ndarray of float64
+        Cost of each kept pair (:math:`C'`), NaN where unmatched.
+    info : SparseMatchInfo
+        Only with ``return_info=True``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from featmatch.matching._lap import threshold_match
+    >>> a = torch.eye(3)
+    >>> perm, cost = threshold_match(a, torch.stack([a[1], a[0], -a[2]]), threshold=0.5)
+    >>> perm.tolist()
+    [1, 0, -1]
+    """
+    t_start = time.perf_counter()
+    check_option("metric", metric, METRICS)
+    if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[1] != x_b.shape[1]:
+        raise ValueError(
+            f"feature vectors must be (F_A, D) and (F_B, D); got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
+    lam = float(threshold)
+    if not math.isfinite(lam):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    dev = _resolve_device(device)
+    sa, sb = _Side(x_a, dev), _Side(x_b, dev)
+    n, m = sa.n, sb.n
+    info = SparseMatchInfo(k=min(int(k), max(m, 1)), device=str(dev), path="threshold")
+    times = dict.fromkeys(("prepare", "candidates", "solve", "recheck"), 0.0)
+    info.times = times
+    info.rows_rechecked, info.violations, info.dummies_used = [], [0], []
+    perm = np.full(n, -1, dtype=np.int64)
+    pair_cost = np.full(n, np.nan)
+    if n == 0 or m == 0:
+        info.certified, info.gap_bound, info.rounds = True, 0.0, 1
+        times["total"] = time.perf_counter() - t_start
+        return (perm, pair_cost, info) if return_info else (perm, pair_cost)
+    bs = block_size or default_block_size(m, n)
+    times["prepare"] = time.perf_counter() - t_start
+    t = time.perf_counter()
+    # the cost itself as the selection key (square_mse=False): one scalar bound per row on C_ij
+    cols, costs, bounds = _candidate_pass(sa, sb, metric, info.k, bs, square_mse=False)
+    times["candidates"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cols_np, costs_np = cols.numpy(), costs.numpy()
+    below = costs_np < lam
+    recheck = np.flatnonzero(bounds.A < lam)
+    below[recheck] = False
+    e_row = [np.nonzero(below)[0]]
+    e_col = [cols_np[below]]
+    e_cost = [costs_np[below]]
+    rb = max(1, min(bs, (64 * 2**20) // (8 * m)))
+    for s0 in range(0, recheck.size, rb):
+        rows_np = recheck[s0 : s0 + rb]
+        full, _ = _full_rows(sa, sb, torch.from_numpy(rows_np), metric)
+        rr, cc = torch.nonzero(full < lam, as_tuple=True)
+        e_row.append(rows_np[rr.numpy()])
+        e_col.append(cc.numpy())
+        e_cost.append(full[rr, cc].numpy())
+    er, ec, eco = np.concatenate(e_row), np.concatenate(e_col), np.concatenate(e_cost)
+    info.rows_rechecked.append(int(recheck.size))
+    times["recheck"] = time.perf_counter() - t
+    t = time.perf_counter()
+    order = np.lexsort((ec, er))
+    er, ec, eco = er[order], ec[order], eco[order]
+    perm = _threshold_lap(er, ec, eco, n, m, lam)
+    ok = perm >= 0
+    if ok.any():
+        pos = np.searchsorted(er * (m + 1) + ec, np.flatnonzero(ok) * (m + 1) + perm[ok])
+        pair_cost[ok] = eco[pos]
+    times["solve"] = time.perf_counter() - t
+    info.n_edges = int(er.size)
+    info.k_max = int(np.bincount(er, minlength=n).max()) if er.size else 0
+    info.dummies_used.append(int((~ok).sum()))
+    info.rounds = 1
+    info.certified, info.gap_bound = True, 0.0
+    times["total"] = time.perf_counter() - t_start
+    return (perm, pair_cost, info) if return_info else (perm, pair_cost)
+
+
 #: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (4096^2): from
 #: 4,096 features on, the sparse solver was measured many times faster than the dense one on
 #: planted SAE pairs (docs/benchmarks.md: ~25x at 4,096 x 512, and the dense matrix grows
@@ -1405,6 +1726,14 @@ def _sparse_match_sides(
 #: structure (unrelated SAEs, random vectors) the fast path's core covers everything and is
 #: 2-6x *slower* than dense at these sizes, so dense is the safe default there.
 AUTO_SPARSE_ABOVE = 4096 * 4096
+
+#: ``solver="auto"`` on a sparse-sized problem: when the first pass predicts a rectangular
+#: core (rows without a mutual-best partner) above this share of the rows, the dense solver
+#: runs instead. Rectangular cores go to scipy (lapjv is square-only, no potentials, so
+#: label-correcting duals) and grow over several rounds; measured on planted 1,536 x 2,048
+#: pairs with 40% unpartnered: cores of 609-892 rows (40-58%), sparse 3.1-5.8 s against
+#: 2.7-3.2 s dense (benchmarks/bench_regimes.py --quick). Square cores (lapjv) stay sparse.
+AUTO_DENSE_CORE_SHARE = 0.25
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
 #: available RAM (psutil), whatever the size.

@@ -42,6 +42,8 @@ References
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -55,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featmatch._io import _json_default, atomic_write_bytes, atomic_write_json, sha256_file
+from featmatch._io import _json_default, atomic_write_json
 from featmatch.matching import _lap
 from featmatch.matching._costs import (
     METRICS,
@@ -85,11 +87,12 @@ __all__ = [
 ]
 
 FORMAT = "featmatch.matching"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # one JSON file, arrays embedded (base64 .npz)
+LEGACY_VERSION = 1  # JSON header + sibling <stem>.<sha12>.npz; still read
 
 
 class MatchingFileError(ValueError):
-    """A matching file is unreadable, corrupt, partial, or does not match its array file."""
+    """A matching file is unreadable, corrupt, of another format, or its arrays do not match it."""
 
 
 # --------------------------------------------------------------------------------------
@@ -201,12 +204,37 @@ class Matching:
     def _meta_path(path: str | os.PathLike) -> Path:
         path = Path(path)
         if path.suffix == ".npz":
-            raise ValueError(f"{path}: pass the metadata (.json) path; the arrays go to a sibling .npz file")
+            raise ValueError(f"{path}: a matching is one JSON file (arrays embedded); give a .json path")
         return path
 
     @staticmethod
-    def arrays_file(meta_path: Path) -> Path | None:
-        """The array file an existing metadata file points to (None if unreadable)."""
+    def is_matching_file(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a file featmatch wrote as a matching (any format version).
+
+        It is one when it parses as a JSON object whose ``"format"`` is
+        ``"featmatch.matching"``. :meth:`save` replaces only such files (unless forced).
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                if not fh.read(64).lstrip().startswith(b"{"):  # not JSON: no need to read it all
+                    return False
+                fh.seek(0)
+                header = json.loads(fh.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(header, dict) and header.get("format") == FORMAT
+
+    @staticmethod
+    def arrays_file(meta_path: str | os.PathLike) -> Path | None:
+        """The sibling array file of a matching in the old two-file format (version 1).
+
+        Version 1 files were a JSON header naming a sibling ``<stem>.<sha12>.npz``; version
+        2 files (written by :meth:`save` now) embed the arrays and have none, so this
+        returns ``None`` for them, as for an unreadable file. featmatch never deletes the
+        file returned: a copied header may name another matching's arrays.
+        """
+        meta_path = Path(meta_path)
         try:
             name = json.loads(meta_path.read_text(encoding="utf-8"))["arrays"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -215,64 +243,80 @@ class Matching:
             return None
         return meta_path.parent / name
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON metadata to ``path`` and the arrays to a sibling ``.npz`` file.
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the matching to ONE JSON file: metadata plus the arrays, embedded.
 
-        The array file is named ``<stem>.<sha256[:12]>.npz`` after its content and is
-        written first; the metadata (which records the name and full SHA-256) is then
-        written atomically (temporary file + rename), and only then is the array file of a
-        previous save under the same name removed. So at every moment the metadata on
-        disk points to a complete, matching array file, and a failed or interrupted save
-        leaves either the previous result or nothing.
+        The file holds ``format``/``version`` markers, ``n_a``, ``n_b``, ``n_matched``,
+        ``meta``, and the arrays ``perm`` and ``cost`` as an ``.npz`` archive, base64
+        encoded (``arrays_npz_base64``), with its SHA-256 (``arrays_sha256``). It is written
+        to a temporary file in the same folder and renamed over ``path``
+        (:func:`featmatch._io.atomic_save`): a reader sees the old file or the new one,
+        never a mix, concurrent saves cannot orphan anything, and an interrupted save
+        leaves the previous file (or nothing). No other file is read, written or deleted;
+        the array file an old (version 1) matching at ``path`` names is left in place.
+
+        Parameters
+        ----------
+        path : str or path
+            Target file (conventionally ``.json``; ``.npz`` is refused).
+        force : bool, default False
+            Replace ``path`` even if it exists and is not a featmatch matching. Without it
+            only matchings (:meth:`is_matching_file`) are replaced.
 
         Returns
         -------
         Path
-            The metadata path.
+            ``path``.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and is not a featmatch matching (and ``force`` is False).
+        IsADirectoryError
+            ``path`` is a directory.
+        TypeError
+            ``meta`` is not JSON-serialisable (nothing is written).
         """
         meta_path = self._meta_path(path)
+        if meta_path.is_dir():
+            raise IsADirectoryError(f"{meta_path} is a directory; give a file path for the matching")
+        if not force and meta_path.exists() and not self.is_matching_file(meta_path):
+            raise FileExistsError(
+                f"{meta_path} exists and is not a featmatch matching; refusing to overwrite it "
+                "(force=True / --force replaces it)"
+            )
         buf = io.BytesIO()
         np.savez(buf, perm=self.perm, cost=self.cost)
         data = buf.getvalue()
-        sha = hashlib.sha256(data).hexdigest()
-        npz_path = meta_path.with_name(f"{meta_path.stem}.{sha[:12]}.npz")
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "n_a": self.n_a,
             "n_b": self.n_b,
             "n_matched": self.n_matched,
-            "arrays": npz_path.name,
-            "arrays_sha256": sha,
             "meta": self.meta,
+            "arrays_sha256": hashlib.sha256(data).hexdigest(),
+            "arrays_npz_base64": base64.b64encode(data).decode("ascii"),
         }
         json.dumps(header, default=_json_default)  # fail before writing anything if meta is not serialisable
-        old_npz = self.arrays_file(meta_path) if meta_path.exists() else None
-        npz_existed = npz_path.exists()
-        try:
-            atomic_write_bytes(npz_path, data)
-            atomic_write_json(meta_path, header)
-        except BaseException:
-            if not npz_existed and npz_path != old_npz:
-                npz_path.unlink(missing_ok=True)
-            raise
-        if old_npz is not None and old_npz != npz_path:
-            old_npz.unlink(missing_ok=True)
+        atomic_write_json(meta_path, header, sort_keys=False)  # markers first, arrays last
         return meta_path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Matching:
-        """Read a matching written by :meth:`save`.
+        """Read a matching written by :meth:`save` (or by the old two-file format, version 1).
 
         Raises
         ------
         FileNotFoundError
-            If the metadata or array file is missing.
+            If the file (or, for version 1, its array file) is missing.
         MatchingFileError
-            (a ``ValueError``) if either file is unreadable, corrupt, truncated, of another
-            format, or the arrays do not match the metadata (checksum, shapes, ranges).
+            (a ``ValueError``) naming the file if it is unreadable, corrupt, truncated, of
+            another format, or the arrays do not match the metadata (checksum, shapes, ranges).
         """
         meta_path = cls._meta_path(path)
+        if meta_path.is_dir():
+            raise MatchingFileError(f"{meta_path}: is a directory, not a matching file")
         if not meta_path.is_file():
             raise FileNotFoundError(f"matching file not found: {meta_path}")
         try:
@@ -285,17 +329,47 @@ class Matching:
             raise MatchingFileError(f"{meta_path}: cannot read matching file ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise MatchingFileError(f"{meta_path}: not a featmatch matching file (missing format {FORMAT!r})")
-        if header.get("version") != FORMAT_VERSION:
-            raise MatchingFileError(
-                f"{meta_path}: unsupported matching file version {header.get('version')!r}"
-            )
+        version = header.get("version")
+        if version not in (LEGACY_VERSION, FORMAT_VERSION):
+            raise MatchingFileError(f"{meta_path}: unsupported matching file version {version!r}")
         try:
             n_a, n_b = int(header["n_a"]), int(header["n_b"])
-            arrays = str(header["arrays"])
             sha = str(header["arrays_sha256"])
             meta = dict(header.get("meta") or {})
+            arrays = str(header["arrays" if version == LEGACY_VERSION else "arrays_npz_base64"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MatchingFileError(f"{meta_path}: matching metadata lacks or garbles {exc}") from exc
+        if version == LEGACY_VERSION:
+            source, data = cls._legacy_arrays(meta_path, arrays, sha)
+        else:
+            source = meta_path
+            try:
+                data = base64.b64decode(arrays, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise MatchingFileError(f"{meta_path}: corrupt embedded arrays (bad base64: {exc})") from exc
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise MatchingFileError(
+                    f"{meta_path}: embedded arrays do not match their checksum (corrupt or edited file)"
+                )
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                perm, cost = z["perm"], z["cost"]
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise MatchingFileError(
+                f"{source}: corrupt matching arrays ({type(exc).__name__}: {exc})"
+            ) from exc
+        if perm.shape != (n_a,) or cost.shape != (n_a,):
+            raise MatchingFileError(
+                f"{source}: arrays have shapes {perm.shape}, {cost.shape}; metadata says n_a={n_a}"
+            )
+        try:
+            return cls(perm=perm, cost=cost, n_b=n_b, meta=meta)
+        except ValueError as exc:
+            raise MatchingFileError(f"{source}: invalid matching ({exc})") from exc
+
+    @staticmethod
+    def _legacy_arrays(meta_path: Path, arrays: str, sha: str) -> tuple[Path, bytes]:
+        """The checked bytes of a version-1 matching's sibling ``.npz`` (and its path)."""
         if not arrays or Path(arrays).name != arrays or arrays in (".", ".."):
             raise MatchingFileError(
                 f"{meta_path}: bad array file name {arrays!r} (must be a file next to the metadata)"
@@ -303,26 +377,13 @@ class Matching:
         npz_path = meta_path.parent / arrays
         if not npz_path.is_file():
             raise FileNotFoundError(f"array file of matching {meta_path} not found: {npz_path}")
-        if sha256_file(npz_path) != sha:
+        data = npz_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
             raise MatchingFileError(
                 f"{npz_path}: array file does not match its metadata {meta_path.name} (checksum differs; "
                 "partial write or files from different runs)"
             )
-        try:
-            with np.load(npz_path, allow_pickle=False) as z:
-                perm, cost = z["perm"], z["cost"]
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
-            raise MatchingFileError(
-                f"{npz_path}: corrupt matching array file ({type(exc).__name__}: {exc})"
-            ) from exc
-        if perm.shape != (n_a,) or cost.shape != (n_a,):
-            raise MatchingFileError(
-                f"{npz_path}: arrays have shapes {perm.shape}, {cost.shape}; metadata says n_a={n_a}"
-            )
-        try:
-            return cls(perm=perm, cost=cost, n_b=n_b, meta=meta)
-        except ValueError as exc:
-            raise MatchingFileError(f"{npz_path}: invalid matching ({exc})") from exc
+        return npz_path, data
 
 
 # --------------------------------------------------------------------------------------
@@ -464,6 +525,7 @@ def match(
     block_size: int = 2048,
     k: int | None = None,
     device: str | None = None,
+    unmatched_mode: str = "solve",
 ) -> Matching:
     """Match the features of SAE A to those of SAE B (SAE Match, Balagansky et al. 2025).
 
@@ -496,17 +558,33 @@ def match(
         optimality certificate, without the full matrix). ``"auto"`` is sparse where it is
         measured faster, :math:`F_A F_B >` ``featmatch.matching._lap.AUTO_SPARSE_ABOVE`` (4096²,
         see ``docs/benchmarks.md``), or where the dense float64 matrix would take more than
-        25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense.
+        25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense. On the
+        sparse route, when the first pass predicts a rectangular core above
+        ``_lap.AUTO_DENSE_CORE_SHARE`` of the rows, the whole problem is solved densely
+        (``sparse_match(auto_dense_share=...)``, issue 18).
     unmatched_above : float, optional
-        Mark assigned pairs with cost above this value as unmatched (-1). Must be finite.
+        Every feature of A may stay unmatched (-1) at this fixed cost :math:`\\lambda` (finite).
+        With ``unmatched_mode="solve"`` (default) the thresholded problem is solved as such,
+        exactly: :math:`\\min_M \\sum_{(i,j)\\in M} C_{ij} + \\lambda (F_A - |M|)` over partial
+        matchings (:func:`featmatch.matching._lap.threshold_match` for the sparse solver,
+        :func:`featmatch.matching._lap.threshold_assign` on the dense matrix); every kept
+        pair costs less than :math:`\\lambda`. Its optimum is the full assignment's on
+        :math:`\\min(C, \\lambda)` and never worse than masking the full permutation (see
+        ``threshold_match``); the two pair sets can differ. ``unmatched_mode="mask"`` is the
+        behaviour before issue 18: solve the full permutation, then mark its pairs above
+        :math:`\\lambda` unmatched (kept pairs then cost :math:`\\le \\lambda`).
     unmatched_quantile : float in [0, 1], optional
         Mark assigned pairs with cost above this quantile of the assigned costs as
-        unmatched (e.g. 0.9 drops the 10% worst). Exclusive with ``unmatched_above``.
+        unmatched (e.g. 0.9 drops the 10% worst). Exclusive with ``unmatched_above``. The
+        quantile is of the full permutation's costs, so this always masks that permutation
+        (``unmatched_mode`` does not apply).
     block_size : int
         Rows per block of the dense cost computation (the sparse solver sizes its own
         blocks, :func:`featmatch.matching.default_block_size`).
     k, device : optional
         Passed to the sparse solver (candidates per row, >= 1; where the product runs).
+    unmatched_mode : {"solve", "mask"}
+        How ``unmatched_above`` is applied (see there).
 
     Returns
     -------
@@ -534,25 +612,40 @@ def match(
         block_size=block_size,
         k=k,
     )
-    wa, wb = weights(sae_a), weights(sae_b)
+    check_option("unmatched_mode", unmatched_mode, ("solve", "mask"))
+    wa, wb = weights(sae_a, side="A", fold=fold), weights(sae_b, side="B", fold=fold)
     check_same_d_in(wa, wb)
 
     t0 = time.perf_counter()
     resolved = _lap.auto_solver(wa.d_sae, wb.d_sae) if solver == "auto" else solver
+    # the thresholded problem solved as such (issue 18): only pairs cheaper than the threshold
+    thresholded = unmatched_above is not None and unmatched_mode == "solve"
+    solver_info = None
     if resolved == "dense":
         cost = cost_matrix(
             wa, wb, on=on, metric=metric, fold=fold, include_b_enc=include_b_enc, block_size=block_size
         )
-        perm, pair_cost = assign(cost)
+        perm, pair_cost = _lap.threshold_assign(cost, unmatched_above) if thresholded else assign(cost)
         del cost
     else:
         xa = feature_vectors(wa, on=on, fold=fold, include_b_enc=include_b_enc)
         xb = feature_vectors(wb, on=on, fold=fold, include_b_enc=include_b_enc)
         opts = {key: val for key, val in (("k", k), ("device", device)) if val is not None}
-        perm, pair_cost = _lap.sparse_match(xa, xb, metric=metric, **opts)
+        if thresholded:
+            perm, pair_cost, info = _lap.threshold_match(
+                xa, xb, float(unmatched_above), metric=metric, return_info=True, **opts
+            )
+            solver_info = info.as_dict()
+        else:
+            if solver == "auto":  # switch to dense when the first pass predicts a large rectangular core
+                opts["auto_dense_share"] = _lap.AUTO_DENSE_CORE_SHARE
+            perm, pair_cost = _lap.sparse_match(xa, xb, metric=metric, **opts)
         perm = np.asarray(perm, dtype=np.int64).copy()
         pair_cost = np.asarray(pair_cost, dtype=np.float64).copy()
-    threshold = _mark_unmatched(perm, pair_cost, unmatched_above, unmatched_quantile)
+    if thresholded:
+        threshold = float(unmatched_above)
+    else:
+        threshold = _mark_unmatched(perm, pair_cost, unmatched_above, unmatched_quantile)
     meta = match_meta(
         wa,
         wb,
@@ -565,7 +658,10 @@ def match(
         unmatched_quantile=unmatched_quantile,
         threshold=threshold,
         seconds=time.perf_counter() - t0,
+        solver_info=solver_info,
     )
+    if unmatched_above is not None:
+        meta["unmatched_mode"] = unmatched_mode
     return Matching(perm=perm, cost=pair_cost, n_b=wb.d_sae, meta=meta)
 
 

@@ -39,7 +39,9 @@ def match_stack(
         Show a tqdm progress bar over the pairs.
     **match_kwargs
         As :func:`featmatch.matching.match`: ``on``, ``metric``, ``fold``,
-        ``include_b_enc``, ``solver`` ("auto"/"dense"/"sparse"), ``unmatched_above``,
+        ``include_b_enc``, ``solver`` ("auto"/"dense"/"sparse"), ``unmatched_above`` (with
+        ``unmatched_mode``, as in :func:`featmatch.matching.match`: by default the thresholded
+        problem is solved as such, by ``match`` itself),
         ``unmatched_quantile``, ``block_size``, and for the sparse solver ``k``, ``device``,
         ``max_rounds``. Validated up front by the same code as :func:`~featmatch.matching.match`
         (:func:`~featmatch.matching._matching.check_match_options`), before the stack is read.
@@ -68,6 +70,7 @@ def match_stack(
     solver = opts.pop("solver", "auto")
     unmatched_above = opts.pop("unmatched_above", None)
     unmatched_quantile = opts.pop("unmatched_quantile", None)
+    unmatched_mode = opts.pop("unmatched_mode", "solve")
     block_size = opts.pop("block_size", None)
     k = opts.pop("k", 16)
     device = opts.pop("device", None)
@@ -105,8 +108,15 @@ def match_stack(
         use_sparse = solver == "sparse" or (
             solver == "auto" and auto_solver(w_prev.d_sae, w.d_sae) == "sparse"
         )
-        if not use_sparse:
+        # the thresholded problem (unmatched_above, solved as such) goes through match() itself,
+        # so that match_stack and match give the same pairs for the same options
+        thresholded = unmatched_above is not None and unmatched_mode == "solve"
+        if not use_sparse or thresholded:
             kw: dict[str, Any] = {"block_size": block_size} if block_size is not None else {}
+            if use_sparse:
+                kw["k"] = k
+                if device is not None:
+                    kw["device"] = device
             out.append(
                 match(
                     w_prev,
@@ -115,9 +125,10 @@ def match_stack(
                     metric=metric,
                     fold=fold,
                     include_b_enc=include_b_enc,
-                    solver="dense",
+                    solver="sparse" if use_sparse else "dense",
                     unmatched_above=unmatched_above,
                     unmatched_quantile=unmatched_quantile,
+                    unmatched_mode=unmatched_mode,
                     **kw,
                 )
             )

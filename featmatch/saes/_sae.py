@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -124,8 +125,18 @@ class SAEWeights:
             return (self.b_enc.double() - self.b_dec.double() @ self.W_enc.double()).float()
         return self.b_enc
 
-    def validate(self) -> SAEWeights:
-        """Check shapes, finiteness and :math:`\\theta > 0`; raise ``ValueError`` naming the problem."""
+    def validate(self, side: str | None = None, fold: bool = True) -> SAEWeights:
+        """Check shapes, finiteness and :math:`\\theta > 0`; raise ``ValueError`` naming the problem.
+
+        Parameters
+        ----------
+        side : str, optional
+            Which SAE this is (``"A"``, ``"B"``, ``"A (path)"``); the messages name it.
+        fold : bool, default True
+            Whether the caller folds thresholds; only changes the :math:`\\theta \\le 0`
+            message (a JumpReLU threshold must be positive either way).
+        """
+        who = f"SAE {side}" if side else "SAE"
         d, f = self.W_enc.shape
         expected = {"b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
         if self.threshold is not None:
@@ -134,18 +145,23 @@ class SAEWeights:
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(
-                    f"SAE parameter {name} has shape {got}, expected {shape} (W_enc is {(d, f)})"
+                    f"{who} parameter {name} has shape {got}, expected {shape} (W_enc is {(d, f)})"
                 )
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             value = getattr(self, name)
             if value is not None:
-                check_finite(f"SAE parameter {name}", value)
+                check_finite(f"{who} parameter {name}", value)
         if self.threshold is not None:
             bad = self.threshold <= 0
             if bool(bad.any()):
-                raise ValueError(
-                    f"SAE threshold (theta) has {int(bad.sum())} values <= 0 (min {float(self.threshold.min()):.4g}); "
+                why = (
                     "folding divides by theta, so every JumpReLU threshold must be > 0"
+                    if fold
+                    else "a JumpReLU threshold must be > 0 (such a feature fires on negative pre-activations)"
+                )
+                raise ValueError(
+                    f"{who} threshold (theta) has {int(bad.sum())} values <= 0 "
+                    f"(min {float(self.threshold.min()):.4g}); {why}"
                 )
         return self
 
@@ -166,7 +182,7 @@ def _cpu32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32).clone()
 
 
-def weights(sae: SAE | SAEWeights) -> SAEWeights:
+def weights(sae: SAE | SAEWeights, *, side: str | None = None, fold: bool = True) -> SAEWeights:
     """The parameters of a SAELens SAE as a validated :class:`SAEWeights` (float32, CPU).
 
     Parameters
@@ -174,6 +190,8 @@ def weights(sae: SAE | SAEWeights) -> SAEWeights:
     sae : sae_lens.SAE or SAEWeights
         A Standard (ReLU), JumpReLU or TopK SAE. An :class:`SAEWeights` is validated and
         returned as is.
+    side, fold
+        Passed to :meth:`SAEWeights.validate` (they only change error messages).
 
     Returns
     -------
@@ -186,7 +204,7 @@ def weights(sae: SAE | SAEWeights) -> SAEWeights:
         shapes, or an unsupported architecture.
     """
     if isinstance(sae, SAEWeights):
-        return sae.validate()
+        return sae.validate(side, fold)
     arch = _architecture(sae)
     threshold = getattr(sae, "threshold", None) if arch == "jumprelu" else None
     w = SAEWeights(
@@ -199,7 +217,7 @@ def weights(sae: SAE | SAEWeights) -> SAEWeights:
         hook_name=getattr(sae.cfg.metadata, "hook_name", None),
         apply_b_dec_to_input=bool(getattr(sae.cfg, "apply_b_dec_to_input", False)),
     )
-    return w.validate()
+    return w.validate(side, fold)
 
 
 def check_same_d_in(a: SAEWeights, b: SAEWeights) -> None:
@@ -328,11 +346,23 @@ def _from_disk(path: Path, device: str) -> SAE:
         raise ValueError(
             f"SAE source {str(path)!r} is a file; pass the folder holding cfg.json and the weights"
         )
-    if not (path / "cfg.json").is_file():
+    cfg_file = path / "cfg.json"
+    if not cfg_file.is_file():
         raise FileNotFoundError(f"SAE folder {path} has no cfg.json (not a SAELens SAE folder)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{cfg_file} is corrupt (truncated or not JSON: {exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file} is not a SAELens config (a JSON object)")
     from sae_lens import SAE  # imported only once the folder is known to exist (a slow import)
+    from safetensors import SafetensorError
 
-    return SAE.load_from_disk(path, device=device)
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except SafetensorError as exc:  # a bare Rust error otherwise, naming no file
+        files = ", ".join(str(f) for f in sorted(path.glob("*.safetensors"))) or f"{path}/*.safetensors"
+        raise ValueError(f"{files}: corrupt or truncated safetensors file ({exc})") from exc
 
 
 def _looks_like_path(source: str) -> bool:

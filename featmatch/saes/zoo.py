@@ -49,6 +49,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from featmatch._io import atomic_save, atomic_write_json, cache_dir, sha256_file
+from featmatch._threads import fitted_threads
 from featmatch.lm import corpus
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "build_zoo",
     "manifest",
     "manifest_path",
+    "verify",
     "zoo_dir",
     "sae_path",
     "sae_id",
@@ -69,7 +71,7 @@ __all__ = [
 ]
 
 #: The two SAE sets of a profile: the main one (every layer) and the second target L0.
-VARIANTS: tuple[str, ...] = ("main", "l0b")
+VARIANTS: tuple[str, ...] = ("main", "l0b", "seed2")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _SAE_FILES = ("sae_weights.safetensors", "cfg.json")
@@ -113,6 +115,10 @@ class ZooProfile:
         ``SAETrainerConfig`` fields, plus ``epochs``.
     l0b : dict
         ``layers`` and ``sae`` overrides of the second set.
+    seed2 : dict
+        ``layers`` of the same-layer control: SAEs with the main set's settings and another
+        seed (release ``<release>-seed2``). How well two seeds of one layer match is the
+        ceiling that adjacent-layer matching is read against.
     """
 
     name: str
@@ -131,6 +137,7 @@ class ZooProfile:
     sae: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
     l0b: dict = field(default_factory=dict)
+    seed2: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> ZooProfile:
@@ -153,9 +160,9 @@ class ZooProfile:
         return {k: copy.deepcopy(getattr(self, k)) for k in self.__dataclass_fields__}
 
     def release_of(self, variant: str = "main") -> str:
-        """Release name of ``variant`` (``"main"`` or ``"l0b"``)."""
+        """Release name of ``variant`` (``"main"``, ``"l0b"`` or ``"seed2"``)."""
         _check_variant(variant)
-        return self.release if variant == "main" else f"{self.release}-l0b"
+        return self.release if variant == "main" else f"{self.release}-{variant}"
 
     def layers_for(self, n_layers: int) -> list[int]:
         """The main set's layers for a model with ``n_layers`` blocks."""
@@ -167,6 +174,12 @@ class ZooProfile:
         """The second set's layers (those beyond the model's depth are an error)."""
         layers = [int(x) for x in (self.l0b or {}).get("layers", [])]
         _check_layers(self.name, "l0b.layers", layers, n_layers)
+        return layers
+
+    def seed2_layers_for(self, n_layers: int) -> list[int]:
+        """Layers of the same-layer control: the main set's SAE retrained with another seed."""
+        layers = [int(x) for x in (self.seed2 or {}).get("layers", [])]
+        _check_layers(self.name, "seed2.layers", layers, n_layers)
         return layers
 
     def sae_config(self, variant: str = "main") -> dict[str, Any]:
@@ -305,8 +318,64 @@ def manifest(profile: str | ZooProfile) -> dict[str, Any]:
     path = manifest_path(prof)
     if not path.is_file():
         raise FileNotFoundError(f"no {prof.name!r} zoo under {path.parent}; {_build_hint(prof.name)}")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return _read_manifest(path, prof.name)
+
+
+def _read_manifest(path: Path, name: str) -> dict[str, Any]:
+    """Parse a manifest; a truncated or garbled one is a :class:`ZooIntegrityError` naming ``path``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZooIntegrityError(
+            f"zoo manifest {path} is corrupt (truncated or not JSON: {exc}); {_build_hint(name)} to rebuild it"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ZooIntegrityError(
+            f"zoo manifest {path} is not a JSON object; {_build_hint(name)} to rebuild it"
+        )
+    return data
+
+
+def verify(profile: str | ZooProfile) -> dict[str, str]:
+    """Check every file a profile's manifest records against its SHA-256.
+
+    Reads each recorded file of every built SAE (both variants) and compares it with the
+    checksum written at build time (``files`` of each manifest entry).
+
+    Parameters
+    ----------
+    profile : str or ZooProfile
+
+    Returns
+    -------
+    dict
+        ``{path: problem}`` for each bad file (missing, checksum differs, no checksum
+        recorded); empty when everything verifies.
+
+    Raises
+    ------
+    FileNotFoundError
+        The zoo was not built.
+    ZooIntegrityError
+        The manifest itself is corrupt.
+    """
+    prof = get_profile(profile)
+    man = manifest(prof)
+    root = manifest_path(prof).parent
+    bad: dict[str, str] = {}
+    for entries in (man.get("saes") or {}).values():
+        for entry in (entries or {}).values():
+            sae_dir = root / str(entry.get("path", ""))
+            files = entry.get("files") or {}
+            if not files:
+                bad[str(sae_dir)] = "no checksums recorded"
+            for fname, digest in files.items():
+                path = sae_dir / fname
+                if not path.is_file():
+                    bad[str(path)] = "missing"
+                elif sha256_file(path) != digest:
+                    bad[str(path)] = "sha256 differs from the manifest (corrupt or replaced)"
+    return bad
 
 
 def _profile_of_release(release: str) -> tuple[str, str]:
@@ -370,7 +439,7 @@ def sae_path(release: str, sae_id: str) -> Path:
     path = cache_dir("zoo", name, create=False) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"zoo release {release!r} is not built; {_build_hint(name)}")
-    man = json.loads(path.read_text(encoding="utf-8"))
+    man = _read_manifest(path, name)
     entries = man.get("saes", {}).get(variant, {})
     entry = next((e for e in entries.values() if e.get("sae_id") == sae_id), None)
     if entry is None:
@@ -589,7 +658,7 @@ def _train_sae(
     seed: int,
 ):
     """Train one JumpReLU SAE with sae-lens's ``SAETrainer``; returns the inference SAE."""
-    from sae_lens import SAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, LoggingConfig, SAEConfig
+    from sae_lens import SAE, JumpReLUTrainingSAEConfig, LoggingConfig, SAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
 
@@ -608,9 +677,11 @@ def _train_sae(
         prepend_bos=True,
         seqpos_slice=(1, None),
     )
+    theta_min = theta_min_of(sae_cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_model, metadata=metadata, **sae_cfg))
+        sae = _theta_min_sae_class()(JumpReLUTrainingSAEConfig(d_in=d_model, metadata=metadata, **sae_cfg))
+        sae.theta_min = theta_min
     cfg = SAETrainerConfig(
         total_training_samples=total,
         train_batch_size_samples=batch,
@@ -626,6 +697,8 @@ def _train_sae(
         torch.manual_seed(seed)
         trainer = _make_trainer(cfg, sae, _batches(x, keep.nonzero().squeeze(1), batch, seed))
         trained = trainer.fit()
+    with torch.no_grad():  # the last optimizer step comes after the last projection
+        trained.threshold.data.clamp_(min=theta_min)
     trained.cfg.metadata.hook_name = hook_name
     # the inference SAE, built from the trained weights, is what gets saved
     inf_cfg = SAEConfig.from_dict(trained.cfg.get_inference_sae_cfg_dict())
@@ -641,8 +714,59 @@ def _train_sae(
         "n_train_samples": total,
         "epochs": epochs,
         "train_window_l0": trained.cfg.metadata.l0,
+        "train_normalize_activations": str(sae_cfg.get("normalize_activations", "none")),
+        "theta_min_train": theta_min,
+        "training_revision": TRAINING_REVISION,
     }
     return inference
+
+
+#: Bumped whenever zoo training changes in a way the profile does not show; part of the
+#: zoo fingerprint, so a changed training rebuilds the zoo. Revision 2: θ kept at or above
+#: :func:`theta_min_of` during training.
+TRAINING_REVISION = 2
+
+
+def theta_min_of(sae_cfg: Mapping[str, Any]) -> float:
+    r"""The smallest JumpReLU threshold the zoo trains with: half the STE bandwidth ε.
+
+    sae-lens 6.x trains θ directly and projects it onto θ ≥ 0 before each step, so Adam can
+    leave thresholds at exactly 0 (plain ReLU) or, after the last step, slightly below. SAE
+    Match's folding divides by θ, and folded transfer scales a feature by
+    :math:`\theta_B/\theta_A`, so such thresholds (the old zoo floored them to 1e-3 *after*
+    training) gave transfer scales of 140–700× and decided several verdicts. Projecting onto
+    :math:`\theta \ge \varepsilon/2` instead keeps the rectangle kernel of the threshold's
+    pseudo-gradient, :math:`[\theta-\varepsilon/2, \theta+\varepsilon/2]`, on non-negative
+    pre-activations (where it sees data: ReLU zeroes the rest), and the SAE is trained with
+    the constraint rather than edited afterwards. Units are those of the (normalised) training
+    pre-activations.
+    """
+    return 0.5 * float(sae_cfg.get("jumprelu_bandwidth", 0.001))
+
+
+_THETA_MIN_CLASS: Any = None
+
+
+def _theta_min_sae_class() -> Any:
+    """sae-lens's ``JumpReLUTrainingSAE`` with the threshold projected onto ``θ ≥ theta_min``.
+
+    A subclass because sae-lens hard-codes the projection to ``θ ≥ 0`` in
+    ``training_forward_pass``; created on first use to keep sae-lens's import lazy.
+    """
+    global _THETA_MIN_CLASS
+    if _THETA_MIN_CLASS is None:
+        from sae_lens import JumpReLUTrainingSAE
+
+        class ThetaMinJumpReLUTrainingSAE(JumpReLUTrainingSAE):  # type: ignore[misc, valid-type]
+            theta_min: float = 0.0
+
+            def training_forward_pass(self, step_input: Any) -> Any:
+                with torch.no_grad():
+                    self.threshold.data.clamp_(min=self.theta_min)
+                return super().training_forward_pass(step_input)
+
+        _THETA_MIN_CLASS = ThetaMinJumpReLUTrainingSAE
+    return _THETA_MIN_CLASS
 
 
 def _make_trainer(cfg: Any, sae: Any, data: Iterator[torch.Tensor]) -> Any:
@@ -688,11 +812,13 @@ THRESHOLD_FLOOR = 1e-3
 def _floor_thresholds(sae: Any) -> int:
     """Raise JumpReLU thresholds that training left at or below 0 to :data:`THRESHOLD_FLOOR`.
 
-    sae-lens's JumpReLU training can push a handful of thresholds slightly below zero (on
-    the quick zoo, 70 of 30,720 main-set features). Such a feature fires on negative pre-activations, and SAE
+    A safety net for SAEs saved by zoo builds before training revision 2, whose sae-lens
+    training could leave thresholds at 0 or slightly below (70 of 30,720 main-set features of
+    the old quick zoo). Such a feature is a plain ReLU feature (sae-lens applies ReLU before
+    the threshold mask, so θ ≤ 0 does not let negative pre-activations through), and SAE
     Match's folding (Eq. 4, division by θ) is undefined for it, so featmatch rejects θ ≤ 0
-    everywhere. The floor changes the SAE only for pre-activations in (θ, THRESHOLD_FLOOR];
-    the number of floored features is recorded in the manifest.
+    everywhere. Training now keeps θ ≥ :func:`theta_min_of` (see there), so this raises
+    nothing on a current build; the count is recorded in the manifest.
 
     Returns
     -------
@@ -774,7 +900,7 @@ def _model_shape(source: ZooProfile | Any) -> tuple[int, int]:
 
 
 def _sae_seed(prof: ZooProfile, variant: str, layer: int) -> int:
-    return int(prof.seed) * 100_003 + int(layer) * 17 + (0 if variant == "main" else 7919)
+    return int(prof.seed) * 100_003 + int(layer) * 17 + {"main": 0, "l0b": 7919, "seed2": 104_729}[variant]
 
 
 def _build_zoo_unlocked(
@@ -819,12 +945,13 @@ def _build_zoo_unlocked(
     n_layers, d_model = _model_shape(model if model is not None else prof)
     tasks = [("main", layer) for layer in prof.layers_for(n_layers)]
     tasks += [("l0b", layer) for layer in prof.l0b_layers_for(n_layers)]
+    tasks += [("seed2", layer) for layer in prof.seed2_layers_for(n_layers)]
 
     root = zoo_dir(prof)
     man_file = root / MANIFEST_NAME
     corpus_sha = corpus.corpus_hash(prof.source)
     fingerprint = hashlib.sha256(
-        f"{prof.fingerprint()}|{corpus_sha}|d_model={d_model}|n_layers={n_layers}".encode()
+        f"{prof.fingerprint()}|{corpus_sha}|d_model={d_model}|n_layers={n_layers}|training={TRAINING_REVISION}".encode()
     ).hexdigest()
     old: dict[str, Any] = {}
     if man_file.is_file() and not force:
@@ -930,7 +1057,7 @@ def _build_zoo_unlocked(
                 keep = _keep_mask(xl, prof.outlier_factor)
                 keep_eval = _keep_mask(xe, prof.outlier_factor)
                 t0 = time.perf_counter()
-                with _quiet_tqdm(mode != "terminal"):
+                with _quiet_tqdm(mode != "terminal"), fitted_threads():  # threads for the free CPUs
                     sae = _train_sae(prof, variant, layer, xl, keep, d_model, _sae_seed(prof, variant, layer))
                 train_s = time.perf_counter() - t0
                 n_floored = _floor_thresholds(sae)

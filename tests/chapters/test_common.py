@@ -152,15 +152,25 @@ def test_pearson_and_spearman_drop_non_finite_and_need_three_points():
 
 
 def test_claim_early_layer_drop():
-    rows = pd.DataFrame({"layer_a": range(9), "matching_score": [0.1] * 3 + [0.5] * 6})
-    drop = C.claim_early_layer_drop(rows, "matching_score", n_layers=9)
-    assert drop.verdict == "held" and "early 0.100, later 0.500" in drop.ours
-    flat = C.claim_early_layer_drop(rows.assign(matching_score=0.5), "matching_score", 9)
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"layer_a": range(30), "matching_score": np.r_[np.full(10, 0.1), np.full(20, 0.5)] + rng.normal(0, 0.01, 30)})
+    drop = C.claim_early_layer_drop(rows, "matching_score", n_layers=30)
+    assert drop.verdict == "held" and drop.our_value == pytest.approx(0.4, abs=0.03) and abs(drop.chance) < 0.2
+    assert drop.effect == pytest.approx(drop.our_value - drop.chance)
+    flat = C.claim_early_layer_drop(rows.assign(matching_score=0.5 + rng.normal(0, 0.005, 30)), "matching_score", 30)
     assert flat.verdict == "failed"
-    small = C.claim_early_layer_drop(rows.assign(matching_score=[0.48] * 3 + [0.5] * 6), "matching_score", 9)
-    assert small.verdict == "mixed"  # 0 < 0.02 < margin 0.05
-    only_late = C.claim_early_layer_drop(rows[rows["layer_a"] >= 3], "matching_score", 9)
-    assert only_late.verdict == "not tested"
-    custom = C.claim_early_layer_drop(rows.rename(columns={"layer_a": "layer"}), "matching_score", 9, layer="layer",
-                                      claim="x", source="y")
-    assert (custom.claim, custom.source, custom.verdict) == ("x", "y", "held")
+    only_late = C.claim_early_layer_drop(rows[rows["layer_a"] >= 10], "matching_score", 30)
+    assert only_late.verdict == "not testable"
+    custom = C.claim_early_layer_drop(rows.rename(columns={"layer_a": "layer"}), "matching_score", 30, layer="layer",
+                                      claim="x", source="y", chapter="03")
+    assert (custom.claim, custom.source, custom.verdict, custom.chapter) == ("x", "y", "held", "03")
+
+
+
+def test_random_matchings_and_label_share():
+    m = {(0, 1): Matching(perm=np.arange(50), cost=np.zeros(50), n_b=60)}
+    r = C.random_matchings(m, seed=3)[(0, 1)]
+    assert r.n_a == 50 and r.n_b == 60 and len(set(r.perm.tolist())) == 50 and r.perm.max() < 60
+    assert np.array_equal(r.perm, C.random_matchings(m, seed=3)[(0, 1)].perm)  # seeded
+    j = pd.DataFrame({"matching": ["random"] * 4 + ["folded"], "label": pd.array([3, 1, 1, None, 3], dtype="Int64")})
+    assert C.label_share(j, "random") == pytest.approx(1 / 3) and math.isnan(C.label_share(j, "none"))

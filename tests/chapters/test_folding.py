@@ -133,7 +133,7 @@ def test_cost_score_correlation_and_bins():
 
 def test_cost_score_correlations_per_pair(stats, matchings):
     rhos = Fo.cost_score_correlations(stats, matchings["folded"], min_fires=1)
-    assert list(rhos.columns) == ["layer_a", "layer_b", "rho"]
+    assert list(rhos.columns) == ["layer_a", "layer_b", "rho", "rho_lift"]
     assert list(zip(rhos["layer_a"], rhos["layer_b"], strict=True)) == list(matchings["folded"])
     for r in rhos.itertuples():
         want = Fo.cost_score_correlation(Fo.feature_table(stats, r.layer_a, r.layer_b, matchings["folded"][(r.layer_a, r.layer_b)]))
@@ -178,53 +178,108 @@ def _scores(folded, unfolded, encoder=None, decoder=None):
 
 
 def test_claims_from_score_tables():
-    s = _scores([0.5, 0.6, 0.7, 0.8], [0.4, 0.5, 0.6, 0.9], encoder=[0.1] * 4, decoder=[0.5, 0.61, 0.69, 0.8])
+    rng = np.random.default_rng(0)
+    n = 20  # layer pairs
+    unf = rng.uniform(0.3, 0.6, n)
+    # planted: folding adds 0.1 to every pair (tolerance 0.01) -> held
+    s = _scores(unf + 0.1 + rng.normal(0, 0.01, n), unf, encoder=unf - 0.2, decoder=unf + 0.1 + rng.normal(0, 0.002, n))
     c = Fo.claim_folding_improves(s)
-    assert c.verdict == "held" and "75% of 4" in c.ours
-    assert Fo.claim_folding_improves(_scores([0.1] * 4, [0.2] * 4)).verdict == "failed"
+    assert c.verdict == "held" and c.effect == pytest.approx(0.1, abs=0.01) and c.unit == "layer pairs"
+    # planted: folding hurts -> failed
+    assert Fo.claim_folding_improves(_scores(unf - 0.1, unf)).verdict == "failed"
+    # a tie by construction (ReLU SAEs: folded == unfolded everywhere) -> not testable, not failed
+    tie = Fo.claim_folding_improves(_scores(unf, unf))
+    assert tie.verdict == "not testable" and "tie" in tie.precondition
     par, worse = Fo.claim_encoder_decoder(s)
     assert par.verdict == "held" and worse.verdict == "held"
-    off = _scores([0.5] * 4, [0.4] * 4, encoder=[0.49] * 4, decoder=[0.3] * 4)
+    off = _scores(unf, unf, encoder=unf + 0.001, decoder=unf - 0.2)
     par, worse = Fo.claim_encoder_decoder(off)
     assert par.verdict == "failed" and worse.verdict == "failed"
     tbl = claims_table([c, par, worse])
-    assert tbl["Verdict"].tolist() == ["held", "failed", "failed"]
+    assert tbl["verdict"].tolist() == ["held", "failed", "failed"]
+    assert tbl["chapter"].eq("01").all() and tbl["ci_low"].notna().all()
+
+
+def _features(n_pairs, slope, seed=0, n=200, n_tokens=1000):
+    """Feature tables with lift = -slope * cost + noise, and the partner's firing rate unrelated."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in range(n_pairs):
+        cost = rng.uniform(0, 1, n)
+        lift = -slope * cost + rng.normal(0, 0.1, n)
+        out[(k, k + 1)] = pd.DataFrame({"cost": cost, "lift": lift, "fires_a": np.full(n, 10), "matching_score": lift + 0.1})
+    return out
 
 
 def test_claim_cost_reflects_similarity():
-    c = Fo.claim_cost_reflects_similarity([-0.5, -0.2, -0.1, 0.1])
-    assert c.verdict == "held" and "median ρ = -0.15" in c.ours
-    assert Fo.claim_cost_reflects_similarity([0.5, 0.2, np.nan]).verdict == "failed"  # NaN is not a case
-    assert Fo.claim_cost_reflects_similarity([np.nan]).verdict == "not tested"
+    held = Fo.claim_cost_reflects_similarity(_features(10, slope=0.5), n_null=20)
+    assert held.verdict == "held" and held.our_value < -0.5 and abs(held.chance) < 0.05
+    null = Fo.claim_cost_reflects_similarity(_features(10, slope=0.0), n_null=20)
+    assert null.verdict in ("failed", "not testable")  # no planted effect
+    few = Fo.claim_cost_reflects_similarity(_features(2, slope=0.5), n_null=5)
+    assert few.verdict == "not testable"  # fewer than 5 usable layer pairs
 
 
 def test_claim_theta_tracks_norm():
-    t = pd.DataFrame({"theta_mean": [1, 2, 3, 4.0], "folded_dec_norm_mean": [4, 3, 2, 1.0], "resid_norm_mean": [1, 2, 3, 4.1]})
-    theta, dec = Fo.claim_theta_tracks_norm(t)
-    assert theta.verdict == "held" and dec.verdict == "failed"
-    flat, _ = Fo.claim_theta_tracks_norm(t.assign(theta_mean=1.0))
-    assert flat.verdict == "not tested"  # constant θ: no correlation
+    rng = np.random.default_rng(1)
+    h = np.cumprod(1 + rng.uniform(0.0, 0.3, 25))
+    norms = pd.DataFrame({"layer": range(25), "theta_mean": h * (1 + rng.normal(0, 0.01, 25)), "resid_norm_mean": h,
+                          "folded_dec_norm_mean": h})
+    dh = np.diff(h)
+    dyn = pd.DataFrame({"resid_norm_change": dh, "matched_dec_norm_change": dh + rng.normal(0, 0.01 * dh.std(), 24)})
+    theta, dec = Fo.claim_theta_tracks_norm(norms, dyn, theta_carries_scale=True)
+    assert theta.verdict == "held" and dec.verdict == "held" and theta.unit == "layer transitions"
+    # θ in normalised units (the zoo): the θ row cannot be tested, whatever the numbers say
+    theta, _ = Fo.claim_theta_tracks_norm(norms, dyn, theta_carries_scale=False)
+    assert theta.verdict == "not testable" and "unnormalised" in theta.precondition
+    # changes unrelated to the norm changes -> not held
+    _, dec = Fo.claim_theta_tracks_norm(norms, dyn.assign(matched_dec_norm_change=rng.normal(size=24)), theta_carries_scale=True)
+    assert dec.verdict != "held"
+
+
+def test_theta_carries_scale_reads_the_training_record():
+    from types import SimpleNamespace as NS
+
+    zoo_old = NS(cfg=NS(normalize_activations="none", metadata=NS(featmatch={"profile": "quick"})))
+    zoo_raw = NS(cfg=NS(normalize_activations="none", metadata=NS(featmatch={"train_normalize_activations": "none"})))
+    hub = NS(cfg=NS(normalize_activations="none", metadata=NS()))
+    assert not Fo.theta_carries_scale(zoo_old) and Fo.theta_carries_scale(zoo_raw) and Fo.theta_carries_scale(hub)
 
 
 def test_claim_folding_barely_matters_rule():
-    def table(a, b):
-        return pd.DataFrame({"comparison": ["fold, no b_enc", "fold, with b_enc"], "frac_changed": [a, b]})
+    def table(a, b, n=12):
+        rows = []
+        for k in range(n):
+            rows += [{"layer_a": k, "layer_b": k + 1, "comparison": "fold, no b_enc", "frac_changed": a + 0.001 * (k % 3)},
+                     {"layer_a": k, "layer_b": k + 1, "comparison": "fold, with b_enc", "frac_changed": b + 0.001 * (k % 2)}]
+        return pd.DataFrame(rows)
 
-    assert Fo.claim_folding_barely_matters(table(0.02, 0.3)).verdict == "held"
-    assert Fo.claim_folding_barely_matters(table(0.4, 0.3)).verdict == "failed"
-    assert Fo.claim_folding_barely_matters(table(0.02, 0.03)).verdict == "mixed"
-    assert Fo.claim_folding_barely_matters(table(0.4, 0.6)).verdict == "mixed"
-    assert Fo.claim_folding_barely_matters(pd.DataFrame({"comparison": [], "frac_changed": []})).verdict == "not tested"
+    barely, more = Fo.claim_folding_barely_matters(table(0.02, 0.3))
+    assert barely.verdict == "held" and more.verdict == "held"
+    barely, more = Fo.claim_folding_barely_matters(table(0.4, 0.3))
+    assert barely.verdict == "failed" and more.verdict == "failed"
+    empty = Fo.claim_folding_barely_matters(pd.DataFrame({"layer_a": [], "layer_b": [], "comparison": [], "frac_changed": []}))
+    assert [c.verdict for c in empty] == ["not testable"]
 
 
 def test_claim_judge_folding():
-    j = pd.DataFrame(
-        {
-            "layer_a": [0, 0, 1, 1], "matching": ["folded", "unfolded"] * 2,
-            "label": pd.array([3, 1, 2, 2], dtype="Int64"), "judge": "proxy:all-MiniLM-L6-v2",
-        }
-    )
+    rows = []
+    for k in range(8):
+        rows += [{"layer_a": k, "matching": "folded", "label": 3, "judge": "proxy"},
+                 {"layer_a": k, "matching": "unfolded", "label": 1 + (k % 2), "judge": "proxy"}]
+    j = pd.DataFrame(rows).astype({"label": "Int64"})
     c = Fo.claim_judge_folding(j)
-    assert c.verdict == "mixed" and "50%" in c.ours and "mean label 2.50 vs 1.50" in c.ours
-    assert Fo.claim_judge_folding(j.iloc[:0]).verdict == "not tested"
-    assert Fo.claim_judge_folding(j[j["matching"] == "folded"]).verdict == "not tested"
+    assert c.verdict == "held" and c.effect == pytest.approx(1.5) and "proxy" in c.claim
+    assert Fo.claim_judge_folding(j.iloc[:0]).verdict == "not testable"
+    assert Fo.claim_judge_folding(j[j["matching"] == "folded"]).verdict == "not testable"
+
+
+def test_claim_judge_cost():
+    rng = np.random.default_rng(2)
+    lab = rng.integers(1, 4, 120)
+    j = pd.DataFrame({"matching": "folded", "label": lab, "cost": 1.0 - 0.3 * lab + rng.normal(0, 0.1, 120), "judge": "proxy"})
+    c = Fo.claim_judge_cost(j)
+    assert c.verdict == "held" and c.our_value < -0.5
+    flipped = Fo.claim_judge_cost(j.assign(cost=-j["cost"]))  # SAME pairs cost more: the data contradict the claim
+    assert flipped.verdict == "failed"
+    assert Fo.claim_judge_cost(j.iloc[:5]).verdict == "not testable"

@@ -13,6 +13,7 @@ from featmatch.chapters import persistence as P
 from featmatch.judging.explanations import ContextExplanations
 from featmatch.judging.judges import ProxyJudge
 from featmatch.lm.activations import gather
+from featmatch.matching import Matching
 
 from ._sae_match import N_LAYERS, F, minilm_tokenizer, model, planted_chain, word_tokens
 
@@ -117,11 +118,24 @@ def test_persistence_length_rule():
     assert P.persistence_length(t[t["distance"] > 1]).loc[0] == 0  # no one-step value
     assert P.persistence_length(t, method="composed").empty
     c = P.claim_persistence(t)
-    assert c.verdict == "held" and "{0: 3}" in c.ours and "up to 5" in c.ours
-    short = t.assign(matching_score=[0.8, 0.1, 0.1, 0.1, 0.1])
-    assert P.claim_persistence(short).verdict == "failed"
-    two = t.assign(matching_score=[0.8, 0.6, 0.1, 0.1, 0.1])
-    assert P.claim_persistence(two).verdict == "mixed"  # 1 < 2 < 3
+    assert c.verdict == "not testable" and "≥ 3 start layers ✗" in c.precondition  # one start layer
+
+
+def _starts(lengths, max_d=8):
+    """A table with one start per entry whose exact score keeps half its margin for exactly that many layers."""
+    rows = []
+    for s, n in enumerate(lengths):
+        for d in range(1, max_d + 1):
+            rows.append({"start": s, "distance": d, "method": "exact", "matching_score": 0.9 if d <= n else 0.1})
+            rows.append({"start": s, "distance": d, "method": "random", "matching_score": 0.05})
+    return pd.DataFrame(rows)
+
+
+def test_claim_persistence_about_five_layers():
+    assert P.claim_persistence(_starts([5, 5, 5, 5, 5])).verdict == "held"
+    assert P.claim_persistence(_starts([1, 1, 1, 1, 1])).verdict == "failed"  # 4 layers short, outside ±2
+    censored = P.claim_persistence(_starts([8, 5, 5, 5, 5]))
+    assert censored.verdict == "not testable" and "censored" in censored.precondition
 
 
 def test_persistence_length_above_chance():
@@ -136,19 +150,36 @@ def test_persistence_length_above_chance():
 
 def test_claim_composition_degrades_rule():
     rows = []
-    for d in range(1, 6):
-        rows += [
-            {"start": 0, "distance": d, "method": "exact", "matching_score": 0.8 - 0.05 * d},
-            {"start": 0, "distance": d, "method": "composed", "matching_score": 0.8 - 0.1 * d},
-        ]
+    for start in range(4):
+        for d in range(1, 6):
+            rows += [
+                {"start": start, "distance": d, "method": "exact", "matching_score": 0.8 - 0.05 * d + 0.001 * start},
+                {"start": start, "distance": d, "method": "composed", "matching_score": 0.8 - 0.1 * d},
+            ]
     t = pd.DataFrame(rows)
-    held = P.claim_composition_degrades(t)
-    assert held.verdict == "held" and "100% of 4" in held.ours and "ρ(distance, exact − composed) = 1.00" in held.ours
+    gap, grows = P.claim_composition_degrades(t)
+    assert gap.verdict == "held" and gap.n == 16 and grows.verdict == "held"
     swapped = t.assign(method=t["method"].map({"exact": "composed", "composed": "exact"}))
-    assert P.claim_composition_degrades(swapped).verdict == "failed"
+    assert P.claim_composition_degrades(swapped)[0].verdict == "failed"
     equal = t.assign(matching_score=0.5)
-    assert P.claim_composition_degrades(equal).verdict == "failed"  # composition never falls behind
-    assert P.claim_composition_degrades(t[t["distance"] == 1]).verdict == "not tested"
+    assert P.claim_composition_degrades(equal)[0].verdict == "failed"  # composition never falls behind
+    assert [c.verdict for c in P.claim_composition_degrades(t[t["distance"] == 1])] == ["not testable"] * 2
+
+
+def test_claim_composed_agrees_counts_partners():
+    n = 200
+    same = Matching(perm=np.arange(n), cost=np.zeros(n), n_b=n)
+    other = Matching(perm=np.roll(np.arange(n), 1), cost=np.zeros(n), n_b=n)
+    agree = P.claim_composed_agrees({"exact": {(0, 2): same}, "composed": {(0, 2): same}})
+    assert agree.verdict == "held" and agree.our_value == 1.0 and agree.chance == pytest.approx(1 / n)
+    assert P.claim_composed_agrees({"exact": {(0, 2): same}, "composed": {(0, 2): other}}).verdict == "failed"
+
+
+def test_path_grid_is_compact():
+    paths = pd.DataFrame({"path": [7, 7, 9, 9], "layer": [0, 1, 0, 1], "feature": [7, 3, 9, -1],
+                          "step_cost": [np.nan, 0.25, np.nan, np.nan], "text": ["a\nb"] * 4})
+    g = P.path_grid(paths)
+    assert g.loc[1, "path of 7"] == "3 (0.25)" and g.loc[1, "path of 9"] == "—" and g.shape == (2, 2)
 
 
 def test_most_active_features(stats):

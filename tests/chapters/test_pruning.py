@@ -51,28 +51,21 @@ def test_hybrid_layers_at_the_papers_depths():
     assert Pr.hybrid_layers([0, 1, 5, 6, 9], 10) == [0, 5]  # only layers with a next layer qualify
 
 
-def test_theta_table_on_a_real_sweep(lm, tokens, saes, sweep):
+def test_theta_check_table_on_real_saes(saes):
     folded = common.pair_matchings(saes, common.next_layer_pairs([0, 2]), ["folded"])["folded"]
-    guarded = transfer.drop_small_thresholds_by_layer(folded, saes, 1e-2)
-    guard = pruning_sweep(lm, tokens, saes, [0, 2],
-                          [{"method": "encode_permute_decode", "fold": True, "matching": guarded,
-                            "label": "encode_permute_decode_folded_min_theta"}], batch_size=4, progress=False)
-    t = Pr.theta_table(folded, guarded, saes, sweep, guard)
-    assert list(t.columns) == ["layer", "pairs_dropped", "max_transfer_scale", "ev_folded", "ev_folded_min_theta", "ev_unfolded"]
-    assert t["layer"].tolist() == [0, 2]
-    # layer 1's two tiny thresholds are B-side partners at layer 0 only
-    assert t["pairs_dropped"].tolist() == [2, 0]
-    assert t.loc[0, "max_transfer_scale"] == pytest.approx(
-        np.nanmax(transfer.transfer_scale(folded[(0, 1)], saes[0], saes[1])))
-    ev = sweep.set_index(["layer", "method"])["ev"]
-    assert t["ev_folded"].tolist() == pytest.approx([ev[(x, "encode_permute_decode_folded")] for x in (0, 2)])
-    assert t["ev_unfolded"].tolist() == pytest.approx([ev[(x, "encode_permute_decode_unfolded")] for x in (0, 2)])
-    # nothing dropped at layer 2: the guarded run is the plain run
-    assert t.loc[1, "ev_folded_min_theta"] == pytest.approx(t.loc[1, "ev_folded"])
-    c = Pr.claim_folding_improves_epd_min_theta(t, 1e-2)
-    assert c.claim.endswith("pairs with θ < 0.01 dropped")
-    wins = float((t["ev_folded_min_theta"] > t["ev_unfolded"]).mean())
-    assert f"{wins:.0%} of 2" in c.ours
+    t = Pr.theta_check_table(folded, saes)
+    assert list(t.columns) == ["layer", "near_zero_theta_a", "near_zero_theta_b", "min_theta_ratio_a", "max_transfer_scale"]
+    # layer 1's two tiny thresholds are B-side at layer 0 only; none at layer 2 -> 3
+    assert t["near_zero_theta_b"].tolist() == [2, 0] and t["near_zero_theta_a"].tolist() == [0, 0]
+    assert t.loc[0, "max_transfer_scale"] == pytest.approx(np.nanmax(transfer.transfer_scale(folded[(0, 1)], saes[0], saes[1])))
+
+
+def test_sweep_reports_per_sequence_delta_ce(sweep, tokens):
+    for r in sweep.itertuples():
+        x = np.asarray(r.delta_ce_seq)
+        assert x.shape == (tokens.shape[0],)
+        # every sequence scores the same number of positions, so the mean of the per-sequence ΔCE is the ΔCE
+        assert x.mean() == pytest.approx(r.delta_ce, rel=1e-9, abs=1e-12)
 
 
 def test_early_layer_table_on_a_real_sweep(lm, tokens, saes, sweep):
@@ -88,30 +81,58 @@ def test_early_layer_table_on_a_real_sweep(lm, tokens, saes, sweep):
         assert r.l0_gap == pytest.approx(abs(r.l0_t - r.l0_t1) / (0.5 * (r.l0_t + r.l0_t1)))
 
 
+def _seq_sweep(layers, n_seq=40, seed=0, **methods):
+    """A sweep table whose rows carry per-sequence ΔCE: method -> per-layer mean ΔCE (noise sd 0.05)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, means in methods.items():
+        for layer, (dce, ev) in zip(layers, means, strict=True):
+            x = dce + rng.normal(0, 0.05, n_seq)
+            rows.append({"layer": layer, "method": name, "delta_ce": float(x.mean()), "ev": ev, "delta_ce_seq": x})
+    return pd.DataFrame(rows)
+
+
 def test_early_and_folding_claims_from_tables():
-    early = pd.DataFrame({"layer": [0, 3, 6, 9, 12, 20], "ev_shortfall": [0.2, 0.1, -0.1, np.nan, 0.5, 0.5]})
-    c = Pr.claim_early_shortfall(early, n_layers=30)  # layers < 10: 0.2, 0.1, -0.1 and a NaN (no success)
-    assert c.verdict == "mixed" and "50% of 4" in c.ours
-    assert Pr.claim_early_shortfall(early.assign(ev_shortfall=1.0), 30).verdict == "held"
-    sw = _sweep([0, 1, 2, 3], encode_permute_decode_folded=[(0, 0.5), (0, 0.5), (0, np.nan), (0, 0.9)],
-                encode_permute_decode_unfolded=[(0, 0.4), (0, 0.6), (0, 0.1), (0, 0.1)])
-    f = Pr.claim_folding_improves_epd(sw)
-    assert f.verdict == "mixed" and "50% of 4" in f.ours  # the NaN layer counts as a loss
+    early = pd.DataFrame({"layer": [0, 3, 6, 9, 12, 20], "ev_shortfall": [0.2, 0.21, 0.19, 0.2, 0.5, 0.5]})
+    assert Pr.claim_early_shortfall(early, n_layers=30).verdict == "held"
+    assert Pr.claim_early_shortfall(early.assign(ev_shortfall=[-0.2, -0.21, -0.19, -0.2, 0, 0]), 30).verdict == "failed"
+    assert Pr.claim_early_shortfall(early[early["layer"] >= 6], 30).verdict == "not testable"  # two early layers
+    no_theta = pd.DataFrame({"near_zero_theta_a": [0, 0], "near_zero_theta_b": [0, 0]})
+    good = [(0.05, 0.9)] * 4
+    sw = _seq_sweep([0, 10, 20, 28], encode_decode_current=good, encode_permute_decode_folded=[(0.5, 0.5)] * 4,
+                    encode_permute_decode_unfolded=[(1.0, 0.3)] * 4)
+    assert Pr.claim_folding_improves_epd(sw, no_theta).verdict == "held"
+    near = Pr.claim_folding_improves_epd(sw, no_theta.assign(near_zero_theta_b=[3, 0]))
+    assert near.verdict == "not testable" and "near-zero θ" in near.precondition
+    # ReLU SAEs: folded and unfolded identical on every sequence -> a tie, not a failure
+    tie = sw[sw["method"] != "encode_permute_decode_unfolded"]
+    tie = pd.concat([tie, tie[tie["method"] == "encode_permute_decode_folded"].assign(method="encode_permute_decode_unfolded")])
+    assert Pr.claim_folding_improves_epd(tie, no_theta).verdict == "not testable"
+    # SAEs that break the model themselves: not testable on this zoo
+    bad = sw.assign(ev=np.where(sw["method"] == "encode_decode_current", 0.3, sw["ev"]))
+    assert Pr.claim_folding_improves_epd(bad, no_theta).verdict == "not testable"
 
 
 def test_hybrid_table_and_claim():
+    rng = np.random.default_rng(0)
     rows = []
-    for q, ev in ((0.0, 0.5), (0.5, 0.7), (1.0, 0.8)):
-        rows.append({"layer": 3, "method": f"cost q={q:.2f}", "kind": "quantile_hybrid", "q": q, "delta_ce": 1 - ev, "ev": ev})
-    rows.append({"layer": 3, "method": "random q=0.50", "kind": "quantile_hybrid", "q": 0.5, "delta_ce": 0.4, "ev": 0.6})
-    rows.append({"layer": 3, "method": "layer_drop", "kind": "layer_drop", "q": None, "delta_ce": 1.0, "ev": 0.1})
+    for q, dce in ((0.0, 0.5), (0.5, 0.3), (1.0, 0.2)):
+        rows.append({"layer": 3, "method": f"cost q={q:.2f}", "kind": "quantile_hybrid", "q": q, "delta_ce": dce, "ev": 1 - dce,
+                     "delta_ce_seq": dce + rng.normal(0, 0.02, 30)})
+    rows.append({"layer": 3, "method": "random q=0.50", "kind": "quantile_hybrid", "q": 0.5, "delta_ce": 0.6, "ev": 0.4,
+                 "delta_ce_seq": 0.6 + rng.normal(0, 0.02, 30)})
+    rows.append({"layer": 3, "method": "layer_drop", "kind": "layer_drop", "q": None, "delta_ce": 1.0, "ev": 0.1,
+                 "delta_ce_seq": np.ones(30)})
     h = Pr.hybrid_table(pd.DataFrame(rows))
     assert len(h) == 3 + 3  # the random curve gets the order-free end points
-    assert h[h["order"] == "random"]["ev"].tolist() == [0.5, 0.6, 0.8]
-    assert Pr.claim_hybrid_cost_order(h).verdict == "held"
-    h.loc[(h["order"] == "random") & (h["q"] == 0.5), "ev"] = 0.9
-    assert Pr.claim_hybrid_cost_order(h).verdict == "failed"
-    assert Pr.claim_hybrid_cost_order(h[h["order"] == "cost"]).verdict == "not tested"
+    assert h[h["order"] == "random"]["ev"].tolist() == [0.5, 0.4, 0.8]
+    c = Pr.claim_hybrid_cost_order(h)
+    assert c.verdict == "held" and c.effect == pytest.approx(0.3, abs=0.02) and c.unit.startswith("sequences")
+    flipped = h.copy()
+    k = flipped.index[(flipped["order"] == "random") & (flipped["q"] == 0.5)][0]
+    flipped.at[k, "delta_ce_seq"] = 0.1 + rng.normal(0, 0.02, 30)
+    assert Pr.claim_hybrid_cost_order(flipped).verdict == "failed"
+    assert Pr.claim_hybrid_cost_order(h[h["order"] == "cost"]).verdict == "not testable"
     no_random = Pr.hybrid_table(pd.DataFrame(rows[:3]))
     assert set(no_random["order"]) == {"cost"} and len(no_random) == 3
 
@@ -146,8 +167,11 @@ def test_zoo_l0_study_is_empty_for_hub_sets():
     assert Pr.zoo_l0_study(None, None, {}, "gpt2-small-res-jb", "tiny").empty
 
 
-def _study(rows):
-    return pd.DataFrame(rows, columns=["layer", "variant_a", "variant_b", "method", "same_l0", "l0_a", "ev", "delta_ce"])
+def _study(rows, n_seq=30, seed=0):
+    rng = np.random.default_rng(seed)
+    d = pd.DataFrame(rows, columns=["layer", "variant_a", "variant_b", "method", "same_l0", "l0_a", "ev", "delta_ce"])
+    d["delta_ce_seq"] = [x + rng.normal(0, 0.02, n_seq) for x in d["delta_ce"]]
+    return d
 
 
 def test_claim_l0_mismatch_and_higher_l0_rules():
@@ -156,38 +180,34 @@ def test_claim_l0_mismatch_and_higher_l0_rules():
         (1, "main", "main", m, True, 5.0, 0.8, 0.3), (1, "main", "l0b", m, False, 5.0, 0.6, 0.5),
         (1, "l0b", "l0b", m, True, 12.0, 0.9, 0.2), (1, "l0b", "main", m, False, 12.0, 0.95, 0.4),
     ])
-    c = Pr.claim_l0_mismatch(study)
-    assert c.verdict == "mixed" and "50% of 2" in c.ours and "encode-permute-decode (folded)" in c.ours
-    h = Pr.claim_higher_l0(study)  # one (layer, method) cell: the denser pair has the lower ΔCE
-    assert h.verdict == "held" and "100% of 1" in h.ours
-    flipped = study.assign(delta_ce=[0.2, 0.5, 0.3, 0.4])
+    c = Pr.claim_l0_mismatch(study)  # other-L0 partners cost 0.2 more nats on both sides
+    assert c.verdict == "held" and c.effect == pytest.approx(0.2, abs=0.02)
+    h = Pr.claim_higher_l0(study)  # the denser same-L0 pair has the lower ΔCE by 0.1
+    assert h.effect == pytest.approx(0.1, abs=0.02) and h.verdict in ("held", "mixed")
+    flipped = _study([(1, "main", "main", m, True, 5.0, 0.8, 0.2), (1, "l0b", "l0b", m, True, 12.0, 0.9, 0.5)])
     assert Pr.claim_higher_l0(flipped).verdict == "failed"
-    assert Pr.claim_l0_mismatch(study, method="layer_drop").verdict == "not tested"
-
-
-def _sweep(layers, **methods):
-    rows = []
-    for name, vals in methods.items():
-        for layer, (dce, ev) in zip(layers, vals, strict=True):
-            rows.append({"layer": layer, "method": name, "delta_ce": dce, "ev": ev})
-    return pd.DataFrame(rows)
+    assert Pr.claim_l0_mismatch(study, method="layer_drop").verdict == "not testable"
 
 
 def test_pruning_claims():
-    sw = _sweep(
+    good = [(0.05, 0.9)] * 4
+    sw = _seq_sweep(
         [0, 10, 20, 28],
-        encode_decode_current=[(0.1, 0.9)] * 4,
-        encode_permute_decode_folded=[(2.0, 0.1), (0.15, 0.6), (0.12, 0.7), (0.2, 0.7)],
-        top1_cosine_folded=[(1.0, 0.3), (0.1, 0.7), (0.1, 0.8), (0.1, 0.6)],
+        encode_decode_current=good,
+        layer_drop=[(0.2, 0.5)] * 4,
+        encode_permute_decode_folded=[(2.0, 0.1), (0.06, 0.85), (0.07, 0.85), (0.06, 0.85)],
+        top1_cosine_folded=[(1.0, 0.3), (0.03, 0.9), (0.03, 0.9), (0.03, 0.9)],
     )
-    cheap = Pr.claim_pruning_cheap_later(sw, n_layers=30)
-    assert cheap.verdict == "held" and "= 0.050" in cheap.ours  # later layers: extra 0.05, 0.02, 0.1 -> median 0.05
-    assert "raw median ΔCE 0.150" in cheap.ours
-    costly = sw.assign(delta_ce=np.where(sw["method"] == "encode_permute_decode_folded", 1.0, sw["delta_ce"]))
-    assert Pr.claim_pruning_cheap_later(costly, 30).verdict == "failed"
-    assert Pr.claim_pruning_cheap_later(sw.iloc[:0], 30).verdict == "not tested"
-    assert Pr.claim_top1_beats_permutation(sw).verdict == "held"  # 3 of 4 layers
-    assert Pr.claim_top1_beats_permutation(sw[sw["method"] != "top1_cosine_folded"]).verdict == "not tested"
-    assert Pr.claim_l0_explains_early([0.5, 0.3, 0.1, 0.0], [0.4, 0.2, 0.1, 0.05]).verdict == "held"
-    assert Pr.claim_l0_explains_early([0.5, 0.3, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]).verdict == "failed"
-    assert Pr.claim_l0_explains_early([0.1, 0.1, 0.1], [0.0, 0.1, 0.2]).verdict == "not tested"  # equal L0 everywhere
+    cheap, beats_drop = Pr.claim_pruning_cheap_later(sw, n_layers=30)
+    assert cheap.verdict == "held" and cheap.our_value == pytest.approx(0.013, abs=0.03)
+    assert beats_drop.verdict == "held"
+    costly = sw.assign(delta_ce_seq=[x + (1.0 if mth == "encode_permute_decode_folded" else 0) for x, mth in zip(sw["delta_ce_seq"], sw["method"], strict=True)])
+    cheap, beats_drop = Pr.claim_pruning_cheap_later(costly, 30)
+    assert cheap.verdict == "failed" and beats_drop.verdict == "failed"
+    assert [c.verdict for c in Pr.claim_pruning_cheap_later(sw.iloc[:0], 30)] == ["not testable"] * 2
+    assert Pr.claim_top1_beats_permutation(sw).verdict == "held"  # layer 0: 1.0 nats better
+    assert Pr.claim_top1_beats_permutation(sw[sw["method"] != "top1_cosine_folded"]).verdict == "not testable"
+    x = np.linspace(0, 1, 12)
+    assert Pr.claim_l0_explains_early(x, x ** 2).verdict == "held"
+    assert Pr.claim_l0_explains_early(x, -x).verdict == "failed"
+    assert Pr.claim_l0_explains_early([0.1, 0.1, 0.1], [0.0, 0.1, 0.2]).verdict == "not testable"  # equal L0 everywhere

@@ -137,11 +137,13 @@ def test_kernel_runs_in_the_output_folder_so_figures_land_there(tmp_path, monkey
             "import os\n"
             "import matplotlib.pyplot as plt\n"
             "import pandas as pd\n"
-            "from featmatch.chapters.claims import write_claims\n"
+            "from featmatch.chapters.claims import make_claim, write_claims\n"
             "from featmatch.chapters.setup import save_figure\n"
             "fig, ax = plt.subplots(figsize=(1, 1))\n"
             "print(save_figure(fig, OUT_DIR, 'fig_a'))\n"
-            "print(write_claims(pd.DataFrame({'a': [1]}), OUT_DIR, 'tiny'))\n"
+            "c = make_claim(chapter='tiny', claim='c', source='s', paper_value='p', our_value=1.0, effect=1.0,\n"
+            "               ci=(0.5, 1.5), chance=0.0, n=9, unit='u', tolerance=0.1)\n"
+            "print(write_claims([c], OUT_DIR, 'tiny'))\n"
             "print('cwd', os.getcwd())"
         )
     )

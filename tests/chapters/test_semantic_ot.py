@@ -118,7 +118,7 @@ def planted():
     return model, tokens, saes, perm, stats, spaces
 
 
-def test_distributions_and_all_four_matchings_recover_the_planted_permutation(planted):
+def test_distributions_and_all_eight_matchings_recover_the_planted_permutation(planted):
     _, _, saes, perm, stats, spaces = planted
     ref = next(iter(spaces.values()))
     dists = R.feature_distributions(stats, ref, (1, 2), n=8)
@@ -130,12 +130,20 @@ def test_distributions_and_all_four_matchings_recover_the_planted_permutation(pl
         assert summary.loc[L, "with samples"] == int((fires[L] > 0).sum())
         assert 0 < summary.loc[L, "mean samples per feature"] <= 8
     assert summary.loc[1, "never fire (excluded)"] >= 1  # the planted dead feature
-    ms = R.pair_matchings(dists[1], dists[2], saes[1], saes[2], "exact", None)
-    assert list(ms) == list(R.METHODS)
     fired = np.flatnonzero(fires[1] > 0)
-    for method, m in ms.items():
-        np.testing.assert_array_equal(np.asarray(m.perm)[fired], perm[fired], err_msg=method)
-    assert ms["Semantic OT"].is_injective and ms["SAE Match"].is_injective
+    for candidates in (None, 3):  # all pairs, and the nearest-neighbour search
+        ms = R.pair_matchings(
+            dists[1], dists[2], saes[1], saes[2], "exact", candidates, fit_stats=stats, pair=(1, 2)
+        )
+        assert list(ms) == list(R.METHODS)
+        for method, m in ms.items():
+            np.testing.assert_array_equal(np.asarray(m.perm)[fired], perm[fired], err_msg=method)
+        for method, (_, form) in R.FORMS.items():
+            assert ms[method].is_injective == (form == "assignment") or form == "top-1", method
+        assert ms["Semantic OT"].is_injective and ms["SAE Match"].is_injective
+        assert ms["Co-activation"].is_injective and ms["Feature Flow assignment"].is_injective
+    without = R.pair_matchings(dists[1], dists[2], saes[1], saes[2], "exact", 3)
+    assert "Co-activation" not in without and len(without) == len(R.METHODS) - 2
 
 
 def test_method_scores_on_the_planted_pair(planted):
@@ -156,7 +164,9 @@ def test_method_scores_on_the_planted_pair(planted):
         "n_scored",
         "n_matched",
         "one_to_one",
+        "n_partners",
     ]
+    assert t.set_index("method").loc["right", "n_partners"] == len(perm)
     r = t.set_index("method")
     assert r.loc["right", "matching_score"] == pytest.approx(1.0)
     assert r.loc["right", "correlation"] == pytest.approx(1.0)
@@ -190,7 +200,8 @@ def test_reference_space_table_on_the_planted_pair(planted):
     table, best = R.reference_space_table(
         stats, stats, spaces, default, (1, 2), right, scores, n_samples=8, method="exact", candidates=None
     )
-    assert best == pytest.approx(0.7)  # the best baseline of this pair only
+    assert best == pytest.approx(0.7)  # the best baseline of this pair only (from `scores`)
+    assert table.n_features.nunique() == 1  # every space on the same features
     assert list(table.space) == list(spaces)
     assert list(table.k) == [s.k for s in spaces.values()]
     # identical distributions in every space: Semantic OT finds the planted partners everywhere
@@ -324,49 +335,129 @@ def test_beats():
     assert not R.beats(_by_pair({"p": (1.0, 1.0, 0.0)}), "v").any()  # a tie does not beat
 
 
-def test_semantic_ot_claims_verdicts_from_the_numbers():
-    judged = _by_pair({"1→2": (2.5, 2.0, 1.5), "1→3": (2.0, 2.1, 1.0)}).rename(columns={"v": "judge_mean"})
-    scores = _by_pair({"1→2": (0.9, 0.5, 0.4), "1→3": (0.8, 0.6, 0.7)}).rename(
-        columns={"v": "matching_score"}
+def test_method_scores_ci_and_chance_on_the_planted_pair(planted):
+    _, _, _, perm, stats, _ = planted
+    n = len(perm)
+    right = Matching(perm=perm.copy(), cost=np.zeros(n), n_b=n)
+    many = Matching(perm=np.roll(perm, 2), cost=np.zeros(n), n_b=n)
+    t = R.method_scores(stats, {(1, 2): {"Semantic OT": right, "Feature Flow": many}}, ci=True, chance=True)
+    r = t.set_index("method")
+    assert (
+        r.loc["Semantic OT", "ms_low"]
+        <= r.loc["Semantic OT", "matching_score"]
+        <= r.loc["Semantic OT", "ms_high"]
     )
-    scores["correlation"] = [0.1, 0.5, 0.4, 0.2, 0.6, 0.7]
-    goal = R.SPEARMAN_GOAL
-    approx = pd.DataFrame(
+    assert r.loc["Semantic OT", "form"] == "assignment" and r.loc["Feature Flow", "form"] == "top-1"
+    # random matchings are far below the planted partner, and above 0 (features do co-fire)
+    assert 0 < r.loc["Semantic OT", "chance_ms"] < 0.8
+    pf = R.feature_scores(stats, {(1, 2): {"Semantic OT": right, "Feature Flow": many}})
+    assert set(pf.method) == {"Semantic OT", "Feature Flow"}
+    sem = pf[pf.method == "Semantic OT"]
+    assert sem.matching_score.mean() == pytest.approx(r.loc["Semantic OT", "matching_score"])
+
+
+def test_chance_scores_equal_a_direct_average_over_random_permutations(planted):
+    from featmatch.chapters.claims import null_distribution
+
+    _, _, _, perm, stats, _ = planted
+    feats = np.flatnonzero(np.asarray(stats.fire_count[1]) > 0)
+    ms, _ = R.chance_scores(stats, 1, 2, feats, "assignment", n=20, seed=4)
+
+    def draw(rng):
+        p = np.full(len(perm), -1)
+        p[feats] = rng.permutation(len(perm))[: len(feats)]
+        return float(np.nanmean(matching_score(stats, 1, 2, p).per_feature[feats]))
+
+    assert ms == pytest.approx(null_distribution(draw, 20, 4).mean())
+
+
+def _long(values, value="matching_score", form="assignment"):
+    """Per-feature long table from ``{method: per-feature array}`` on one pair."""
+    return pd.concat(
+        [
+            pd.DataFrame({"pair": "1→2", "method": m, "feature": np.arange(len(v)), value: v})
+            for m, v in values.items()
+        ],
+        ignore_index=True,
+    )
+
+
+def test_comparison_claims_verdicts_follow_the_paired_effect():
+    rng = np.random.default_rng(0)
+    n = 400
+    base = rng.random(n)
+    per_feature = _long(
         {
-            "method": ["sliced", "sliced", "sinkhorn", "sinkhorn"],
-            "params": ["L=64", "L=256", "reg=0.05", "reg=0.01"],
-            "spearman": [goal, goal + 0.01, goal - 0.01, np.nan],
-            "rel_error_median": [0.5, 0.4, 0.01, 0.02],
-            "scaled_rel_error_median": [0.1, 0.1, np.nan, np.nan],
+            "Semantic OT": base + 0.1,  # clearly better than both decoder baselines
+            "Feature Flow assignment": base,  # the decoder baselines in the assignment form
+            "SAE Match": base - 0.05,
+            "Co-activation": base + 0.1 + rng.normal(0, 0.002, n),  # indistinguishable from Semantic OT
         }
     )
-    space_table = pd.DataFrame(
-        {"space": ["a", "b"], "matching_score": [0.9, 0.6], "beats_best_baseline": [True, False]}
+    per_feature["correlation"] = per_feature["matching_score"]
+    scores = per_feature.groupby("method", sort=False)[["matching_score", "correlation"]].mean().reset_index()
+    scores["pair"] = "1→2"
+    scores["base"] = scores.method.map(lambda m: R.FORMS[m][0])
+    scores["form"] = scores.method.map(lambda m: R.FORMS[m][1])
+    scores["chance_ms"] = 0.1
+    scores["chance_corr"] = 0.0
+    claims = R.comparison_claims(per_feature, scores)
+    assert [c.verdict for c in claims] == ["held", "held", "failed"]
+    assert "best decoder-vector baseline (Feature Flow assignment)" in claims[0].claim  # the stronger one
+    assert claims[0].effect == pytest.approx(0.1) and claims[0].ci_low > 0.09
+    assert claims[2].source == R.BOOK_SOURCE and claims[0].source == R.PAPER_SOURCE
+    assert all(c.section == R.SECTION_SCORES and c.n == n for c in claims)
+    assert claims[0].chance == pytest.approx(0.1)
+    # too few common features make the comparison not testable (precondition)
+    few = per_feature[per_feature.feature < R.MIN_FEATURES - 1]
+    assert R.comparison_claims(few, scores)[0].verdict == "not testable"
+    table = pd.DataFrame([c.__dict__ for c in claims])
+    lines = R.win_summary(scores, table)
+    assert lines[0] == (
+        "1→2, assignment: Semantic OT wins against the best decoder-vector baseline (Feature Flow assignment)"
     )
-    claims = R.semantic_ot_claims(judged, scores, approx, space_table, 0.7, "proxy:x", (1, 3))
-    verdicts = [c.verdict for c in claims]
-    assert verdicts == ["mixed", "held", "failed", "held", "failed", "mixed"]
-    assert claims[0].ours.startswith(
-        "proxy:x: 1→2: Semantic OT 2.50, Feature Flow 2.00, SAE Match 1.50; 1→3:"
-    )
-    assert claims[1].ours == R.by_pair_text(scores, "matching_score")
-    assert f"Spearman ≥ {goal:.2f}" in claims[3].claim and "L=256: ρ=0.960" in claims[3].ours
-    assert claims[5].ours == "a: 0.90; b: 0.60 (best baseline 0.70)" and "(1→3)" in claims[5].claim
-    assert all(c.source for c in claims)
+    assert lines[1].startswith("1→2, assignment: Semantic OT no clear difference from co-activation")
 
 
-def test_win_summary_counts_pairs():
-    judged = _by_pair({"1→2": (2.5, 2.0, 1.5), "1→3": (2.0, 2.1, 1.0)}).rename(columns={"v": "judge_mean"})
-    scores = _by_pair({"1→2": (0.9, 0.5, 0.4), "1→3": (0.8, 0.6, 0.7)}).rename(
-        columns={"v": "matching_score"}
+def test_recall_space_and_judge_claims():
+    per_query = pd.DataFrame({"c": 32, "query": np.arange(500), "hit1": np.r_[np.ones(498), np.zeros(2)]})
+    c = R.recall_claim(per_query, 32, 1000)
+    assert c.verdict == "held" and c.our_value == pytest.approx(0.996) and c.chance == pytest.approx(0.032)
+    worse = R.recall_claim(per_query.assign(hit1=np.r_[np.ones(450), np.zeros(50)]), 32, 1000)
+    assert worse.verdict == "failed"
+    space = pd.DataFrame(
+        {
+            "space": ["a", "b"],
+            "matching_score": [0.5, 0.4],
+            "diff_vs_best": [0.1, -0.05],
+            "diff_low": [0.08, -0.07],
+            "diff_high": [0.12, -0.03],
+            "n_features": [300, 300],
+        }
     )
-    scores["correlation"] = 0.0
-    lines = R.win_summary(judged, scores, "proxy:x")
-    assert lines == [
-        "judge (proxy:x): Semantic OT beats both baselines on 1 of 2 pairs (1→2)",
-        "matching score: Semantic OT beats both baselines on 2 of 2 pairs (1→2, 1→3)",
-        "correlation: Semantic OT beats both baselines on 0 of 2 pairs",
-    ]
+    sc = R.space_claim(space, (1, 3))
+    assert sc.verdict == "failed" and "worst space: b" in sc.unit
+    verdicts = pd.DataFrame(
+        {
+            "layer_a": 1,
+            "layer_b": 3,
+            "method": ["Semantic OT"] * 30 + ["SAE Match"] * 30,
+            "feature_a": np.tile(np.arange(30), 2),
+            "label": np.r_[np.full(30, 3), np.full(30, 1)],
+        }
+    )
+    scores = pd.DataFrame(
+        {
+            "pair": "1→3",
+            "method": ["SAE Match", "Feature Flow assignment"],  # the better one is not judged
+            "base": ["SAE Match", "Feature Flow"],
+            "form": ["assignment", "assignment"],
+            "matching_score": [0.5, 0.9],
+        }
+    )
+    held = R.judge_claims(verdicts, scores, "llm:x")[0]
+    assert held.verdict == "held" and "than SAE Match" in held.claim and held.n == 30
+    assert R.judge_claims(verdicts, scores, "proxy:x")[0].verdict == "not testable"
 
 
 def test_disagreements_ranked_both_ways_on_real_statistics(planted):

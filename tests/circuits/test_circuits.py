@@ -359,22 +359,50 @@ def test_export_roundtrip_and_validation(setup, tmp_path):
     assert len(obj["qParams"]["supernodes"]) == sn.n_supernodes
     assert sum(len(s) - 1 for s in obj["qParams"]["supernodes"]) == g.n_nodes
     assert [s[0] for s in obj["qParams"]["supernodes"]] == sn.names
+    # the fields Neuronpedia's frontend requires, with their types
+    md = obj["metadata"]
+    assert all(isinstance(md[k], str) for k in ("slug", "scan", "prompt"))
+    assert md["prompt_tokens"] and all(isinstance(t, str) for t in md["prompt_tokens"])
+    for n in obj["nodes"]:
+        assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"} <= set(n)
+        assert n["feature"] is None or (isinstance(n["feature"], int) and not isinstance(n["feature"], bool))
+        assert (n["feature"] is None) == (n["feature_type"] == "mlp reconstruction error")
+    ids = {n["node_id"] for n in obj["nodes"]}
+    assert all(lk["source"] in ids and lk["target"] in ids for lk in obj["links"])
+    assert all(isinstance(lk["weight"], float) for lk in obj["links"])
+    # exact round trip: node table, link weights (in order) and supernode membership
     nodes, links, supers = C.graph_from_json(obj)
-    assert set(nodes.loc[nodes.feature_type != "logit", "feature"]) == set(g.nodes["feature"])
-    assert len(links) == len(g.edges)
+    back = nodes[nodes.feature_type != "logit"].reset_index(drop=True)
+    assert back["layer"].tolist() == g.nodes["layer"].tolist()
+    assert back["feature"].tolist() == g.nodes["feature"].tolist()
+    assert back["attribution"].tolist() == g.nodes["attribution"].tolist()  # exact floats
+    assert links["weight"].tolist() == g.edges["weight"].tolist()
+    to_fm = {n["node_id"]: C.node_id(n["featmatch_layer"], n["featmatch_feature"]) for n in obj["nodes"][:-1]}
+    to_fm[obj["nodes"][-1]["node_id"]] = C.LOGIT_NODE
+    assert [to_fm[s] for s in links["source"]] == g.edges["src"].tolist()
+    assert [to_fm[t] for t in links["target"]] == g.edges["dst"].tolist()
+    for k, s in enumerate(supers):
+        assert [to_fm[x] for x in s[1:]] == sn.members(g, k)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
 
     bad = json.loads(json.dumps(obj))
     del bad["nodes"][0]["feature"]
+    del bad["nodes"][1]["clerp"]
     del bad["metadata"]["slug"]
+    bad["metadata"]["prompt_tokens"] = [1, 2]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"nodes\[0\]: missing required field 'feature'") as exc:
         C.load_graph_json(tmp_path / "bad.json")
     assert "metadata: missing required field 'slug'" in str(exc.value)
+    assert "nodes[1]: missing required field 'clerp'" in str(exc.value)
+    assert "prompt_tokens: expected a list of strings" in str(exc.value)
+    assert str(tmp_path / "bad.json") in str(exc.value)
     bad2 = json.loads(json.dumps(obj))
-    del bad2["qParams"]
+    del bad2["qParams"]  # optional
+    C.validate_graph_json(bad2)
     bad2["links"][0]["target"] = "nope"
-    with pytest.raises(ValueError, match="missing required top-level field 'qParams'.*unknown node 'nope'"):
+    bad2["qParams"] = {"supernodes": [["x", "nope2"]]}
+    with pytest.raises(ValueError, match="unknown node 'nope'.*unknown node 'nope2'"):
         C.validate_graph_json(bad2)
 
 

@@ -420,3 +420,23 @@ def test_errors(model, toks):
         with pruning.splice(model, H0, lambda p, t: p, source_hook=H1):
             model(toks)
     _no_hooks(model)
+
+
+def test_same_layer_transfer_of_a_permuted_copy_equals_the_sae_splice(model, toks):
+    # B is A with its features permuted (θ_B = 2 θ_A): the folded transfer through the true
+    # permutation reproduces A's reconstruction, so ΔCE equals the SAE splice's (encode-decode current)
+    a = jumprelu_sae(D, 24, seed=3, theta_range=(0.05, 0.2), hook_name=H1)
+    sigma = np.random.default_rng(0).permutation(24)
+    b = _permuted_copy(a, sigma, H1, c=2.0)
+    inv = np.argsort(sigma)  # A feature i is B feature inv[i]
+    r = pruning.same_layer_transfer(model, toks, a, b, _m(inv), batch_size=4)
+    ref = pruning.evaluate_pruning(model, toks, {1: a}, 0, "encode_decode_current", batch_size=4)
+    assert r["delta_ce"] == pytest.approx(ref["delta_ce"], abs=1e-5)
+    assert r["ev"] == pytest.approx(ref["ev"], abs=1e-5)
+    assert r["delta_ce_seq"].shape == (toks.shape[0],) and r["delta_ce_seq"].mean() == pytest.approx(r["delta_ce"], abs=1e-9)
+    # a wrong permutation is worse
+    bad = pruning.same_layer_transfer(model, toks, a, b, _m(np.roll(inv, 1)), batch_size=4)
+    assert bad["ev"] < r["ev"]
+    with pytest.raises(ValueError, match="one hook point"):
+        pruning.same_layer_transfer(model, toks, a, jumprelu_sae(D, 24, seed=4, hook_name=H0), _m(inv))
+    _no_hooks(model)

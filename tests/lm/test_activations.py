@@ -442,3 +442,80 @@ def test_corrupt_cache_is_recomputed(model, saes, tokens, tmp_cache):
     for L in saes:
         np.testing.assert_array_equal(second.fire_count[L], first.fire_count[L])
     ActivationStats.load(path)  # rewritten, readable again
+
+
+# --------------------------------------------------------------------------------------
+# evaluated feature pairs (the sparse path: no F_a x F_b array)
+# --------------------------------------------------------------------------------------
+
+
+def test_evaluated_edges_match_brute_force_and_the_dense_metrics(model, saes, tokens, stats, brute, tmp_path):
+    acts, _ = brute
+    rng = np.random.default_rng(7)
+    f0, f1 = saes[0].cfg.d_sae, saes[1].cfg.d_sae
+    perm = rng.permutation(f1)[:f0] if f1 >= f0 else rng.integers(0, f1, f0)
+    perm[::5] = -1  # some unmatched
+    topk = rng.integers(0, f1, size=(f0, 3))
+    many = rng.integers(0, saes[0].cfg.d_sae, size=saes[2].cfg.d_sae)  # a reversed-direction pair
+    sparse = gather(
+        model,
+        saes,
+        tokens,
+        evaluate=[(0, 1, perm), (0, 1, topk), (2, 0, many)],
+        top_k=0,
+        n_samples=0,
+        batch_size=3,
+        cache=False,
+        progress=False,
+    )
+    assert sparse.coact == {} and set(sparse.pair_edges) == {(0, 1), (2, 0)}
+    rows, cols, co, pr = sparse.pair_edges[(0, 1)]
+    a, b = acts[0][0].astype(np.float64), acts[1][0].astype(np.float64)
+    np.testing.assert_array_equal(co, ((a[:, rows] > 0) & (b[:, cols] > 0)).sum(0))
+    np.testing.assert_allclose(pr, (a[:, rows] * b[:, cols]).sum(0), rtol=1e-5, atol=1e-6)
+    # every edge is there once: the union of the perm and the top-k
+    want = {(i, j) for i, j in enumerate(perm) if j >= 0} | {(i, int(j)) for i in range(f0) for j in topk[i]}
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == want
+    # the metrics read the sparse edges and agree with the dense matrices of `stats`: counts
+    # exactly; correlations to 1e-6 absolute, since the dense path rounds each batch's product
+    # sum to float32 (relative 6e-8) before the float64 accumulation, and r is a ratio of O(1)
+    for la, lb, m in ((0, 1, perm), (0, 1, topk[:, 1]), (2, 0, many)):
+        np.testing.assert_array_equal(
+            matching_score(sparse, la, lb, m).per_feature, matching_score(stats, la, lb, m).per_feature
+        )
+        np.testing.assert_allclose(
+            activation_correlation(sparse, la, lb, m).per_feature,
+            activation_correlation(stats, la, lb, m).per_feature,
+            rtol=0,
+            atol=1e-6,
+        )
+    with pytest.raises(KeyError, match="was not evaluated"):
+        matching_score(sparse, 0, 1, np.where(perm >= 0, (perm + 1) % f1, -1))
+    with pytest.raises(KeyError, match="evaluate="):
+        matching_score(sparse, 1, 2, np.zeros(f1, dtype=np.int64))
+    back = ActivationStats.load(sparse.save(tmp_path / "edges.npz"))
+    for p in sparse.pair_edges:
+        for x, y in zip(back.pair_edges[p], sparse.pair_edges[p], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_evaluate_rejects_bad_matchings(model, saes, tokens):
+    f0 = saes[0].cfg.d_sae
+    with pytest.raises(ValueError, match="rows"):
+        gather(
+            model, saes, tokens, evaluate=[(0, 1, np.zeros(f0 + 1, dtype=int))], cache=False, progress=False
+        )
+    with pytest.raises(ValueError, match="-1 or in"):
+        gather(model, saes, tokens, evaluate=[(0, 1, np.full(f0, 10**6))], cache=False, progress=False)
+    with pytest.raises(ValueError, match="no SAE"):
+        gather(model, saes, tokens, evaluate=[(0, 7, np.zeros(f0, dtype=int))], cache=False, progress=False)
+
+
+def test_sparse_activations_equal_the_brute_force(model, saes, tokens, brute):
+    from featmatch.lm.activations import sparse_activations
+
+    acts, _ = brute
+    got = sparse_activations(model, saes, tokens, batch_size=3)
+    for L, (a, _) in acts.items():
+        np.testing.assert_allclose(got[L].toarray(), a, rtol=1e-6, atol=1e-6)
+        assert got[L].nnz == int((a > 0).sum())

@@ -48,3 +48,106 @@ def test_inputs_ties_and_errors():
         top1_cosine_perm(np.array([[np.nan, 1.0]]), np.ones((2, 2)))
     with pytest.raises(TypeError, match="decoder matrix"):
         top1_cosine_perm("sae", np.ones((2, 2)))
+
+
+# --------------------------------------------------------------------------------------
+# the co-activation baseline
+# --------------------------------------------------------------------------------------
+
+
+def _planted_acts(n=3000, f=40, seed=0):
+    """Sparse non-negative activations of A; B's feature perm[i] is a noisy copy of A's i."""
+    from scipy.sparse import csr_matrix
+
+    rng = np.random.default_rng(seed)
+    a = rng.exponential(size=(n, f)) * (rng.random((n, f)) < 0.1)
+    perm = rng.permutation(f)
+    b = np.zeros_like(a)
+    b[:, perm] = a * rng.uniform(0.5, 2.0, f) + 0.3 * rng.exponential(size=(n, f)) * (
+        rng.random((n, f)) < 0.05
+    )
+    a[:, 3] = 0.0  # a dead feature of A: no correlation is defined
+    return a, b, perm, csr_matrix(a.astype(np.float32)), csr_matrix(b.astype(np.float32))
+
+
+def _ref_corr(a, b):
+    """numpy's Pearson matrix between the columns of a and b (NaN for the dead column)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.corrcoef(a.T, b.T)[: a.shape[1], a.shape[1] :]
+
+
+class _Stats:
+    """The sums an ActivationStats holds for one dense pair, from a dense activation matrix."""
+
+    def __init__(self, a, b):
+        self.n_tokens = a.shape[0]
+        self.act_sum = {0: a.sum(0), 1: b.sum(0)}
+        self.act_sq_sum = {0: (a**2).sum(0), 1: (b**2).sum(0)}
+        self._prod = a.T @ b
+
+    def d_sae(self, layer):
+        return len(self.act_sum[layer])
+
+    def _pair(self, la, lb):
+        return None, self._prod
+
+
+def test_correlation_matrix_equals_numpy_corrcoef():
+    from featmatch.matching.baselines import activation_correlation_matrix
+
+    a, b, _, _, _ = _planted_acts()
+    r = activation_correlation_matrix(_Stats(a, b), 0, 1)
+    ref = _ref_corr(a, b)
+    live = a.std(0) > 0
+    np.testing.assert_allclose(r[live], ref[live], atol=1e-10)
+    assert np.isnan(r[~live]).all()
+
+
+@pytest.mark.parametrize("use_sparse", [False, True])
+def test_coactivation_topk_and_matchings_against_numpy_and_scipy(use_sparse):
+    from scipy.optimize import linear_sum_assignment
+
+    from featmatch.matching.baselines import coactivation_matching, coactivation_topk
+
+    a, b, perm, sa, sb = _planted_acts()
+    src = (sa, sb) if use_sparse else _Stats(a, b)
+    ref = _ref_corr(a, b)
+    live = a.std(0) > 0
+    idx, corr = coactivation_topk(src, 0, 1, k=5, block=7)  # blocks that do not divide F
+    np.testing.assert_array_equal(idx[live], np.argsort(-ref[live], axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(corr[live], -np.sort(-ref[live], axis=1)[:, :5], atol=1e-6)
+    assert (idx[~live] == -1).all()
+    top1 = coactivation_matching(src, 0, 1, mode="top1")
+    assert (top1.perm[live] == perm[live]).all() and top1.perm[3] == -1  # planted truth
+    lap = coactivation_matching(src, 0, 1, mode="assignment")
+    r_, c_ = linear_sum_assignment(-ref[live])
+    np.testing.assert_array_equal(lap.perm[np.flatnonzero(live)[r_]], c_)
+    assert lap.is_injective and lap.perm[3] == -1 and lap.meta["method"] == "coactivation"
+    np.testing.assert_allclose(lap.cost[live], 1.0 - ref[live][r_, c_], atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse_path", [False, True])
+def test_candidate_assignment_equals_scipy_on_the_graph(sparse_path, monkeypatch):
+    from scipy.optimize import linear_sum_assignment
+
+    from featmatch.matching import baselines
+    from featmatch.matching.baselines import candidate_assignment
+
+    if sparse_path:  # scipy's min_weight_full_bipartite_matching instead of the dense matrix
+        monkeypatch.setattr(baselines, "DENSE_ASSIGN_MAX", 0)
+
+    rng = np.random.default_rng(3)
+    C = rng.random((30, 45))
+    idx = np.argsort(C, axis=1)[:, :6]
+    G = np.full_like(C, 1e3)
+    np.put_along_axis(G, idx, np.take_along_axis(C, idx, 1), 1)
+    rows, cols = candidate_assignment(idx, np.take_along_axis(C, idx, 1), 45)
+    r, c = linear_sum_assignment(G)
+    assert G[r, c].max() < 1e3  # the graph admits a full matching, so both are the same problem
+    np.testing.assert_allclose(C[rows, cols].sum(), G[r, c].sum(), rtol=1e-12)
+    assert len(set(cols.tolist())) == len(cols) == 30
+    # more rows than columns: every column used once, the same optimum as scipy on the transpose
+    rows_t, cols_t = candidate_assignment(np.tile(np.arange(20), (45, 1)), C.T[:, :20], 20)
+    r2, c2 = linear_sum_assignment(C.T[:, :20])
+    np.testing.assert_allclose(C.T[rows_t, cols_t].sum(), C.T[r2, c2].sum(), rtol=1e-12)
+    assert len(set(cols_t.tolist())) == 20

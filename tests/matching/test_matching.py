@@ -394,34 +394,123 @@ def _example_matching() -> Matching:
     return match(a, b, unmatched_quantile=0.7)
 
 
-def test_save_load_round_trip(tmp_path):
+def _write_v1(m: Matching, path, arrays_name: str | None = None):
+    """A matching in the old two-file format (version 1), written the way featmatch 0.1 did:
+    JSON header + sibling ``<stem>.<sha256[:12]>.npz`` named and checksummed by it."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, perm=m.perm, cost=m.cost)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    name = arrays_name or f"{path.stem}.{sha[:12]}.npz"
+    (path.parent / name).write_bytes(data)
+    header = {"format": "featmatch.matching", "version": 1, "n_a": m.n_a, "n_b": m.n_b,
+              "n_matched": m.n_matched, "arrays": name, "arrays_sha256": sha, "meta": m.meta}  # fmt: skip
+    path.write_text(json.dumps(header))
+    return path.parent / name
+
+
+def test_save_load_round_trip_is_one_file(tmp_path):
     m = _example_matching()
     path = m.save(tmp_path / "m.json")
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert (
-        len(files) == 2
-        and "m.json" in files
-        and any(f.startswith("m.") and f.endswith(".npz") for f in files)
-    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    header = json.loads(path.read_text())
+    assert (header["format"], header["version"], header["n_a"], header["n_b"]) == ("featmatch.matching", 2, 12, 9)
+    assert list(header)[0] == "format" and Matching.arrays_file(path) is None
     back = Matching.load(path)
     np.testing.assert_array_equal(back.perm, m.perm)
     np.testing.assert_array_equal(back.cost, m.cost)  # NaNs included
     assert back.n_b == 9 and back.meta == json.loads(json.dumps(m.meta))
-    # overwriting replaces the array file and leaves no stale one behind
     other = Matching(perm=np.arange(12) % 9, cost=np.zeros(12), n_b=9, meta={"x": 1})
     other.perm[9:] = -1
-    other.save(path)
-    assert len(list(tmp_path.iterdir())) == 2
+    other.save(path)  # replacing a matching needs no force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     np.testing.assert_array_equal(Matching.load(path).perm, other.perm)
+
+
+def test_old_two_file_matchings_still_load_and_are_never_deleted(tmp_path):
+    m = _example_matching()
+    npz = _write_v1(m, tmp_path / "old.json")
+    back = Matching.load(tmp_path / "old.json")
+    np.testing.assert_array_equal(back.perm, m.perm)
+    np.testing.assert_array_equal(back.cost, m.cost)
+    assert Matching.arrays_file(tmp_path / "old.json") == npz
+    # saving over an old file replaces the JSON only; its array file is left where it was
+    other = Matching(perm=np.zeros(12, dtype=np.int64), cost=np.ones(12), n_b=9)
+    other.save(tmp_path / "old.json")
+    assert npz.is_file()
+    np.testing.assert_array_equal(Matching.load(tmp_path / "old.json").perm, other.perm)
+
+
+def test_unrelated_file_is_never_overwritten_without_force(tmp_path):
+    """Found 1a: any existing file that featmatch did not write was silently replaced."""
+    m = _example_matching()
+    for name, content in (("cfg.json", '{"x": 1}\n'), ("notes.json", "plain text\n"), ("b.json", "")):
+        target = tmp_path / name
+        target.write_text(content)
+        with pytest.raises(FileExistsError, match=rf"{name}.*not a featmatch matching.*force"):
+            m.save(target)
+        assert target.read_text() == content
+    m.save(tmp_path / "cfg.json", force=True)
+    np.testing.assert_array_equal(Matching.load(tmp_path / "cfg.json").perm, m.perm)
+    with pytest.raises(IsADirectoryError, match=str(tmp_path / "sub")):
+        (tmp_path / "sub").mkdir()
+        m.save(tmp_path / "sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "cfg.json", "notes.json", "sub"]
+
+
+def test_file_named_in_a_json_is_never_deleted(tmp_path):
+    """Found 1b: ``{"arrays": "notes.txt"}`` at the target made save delete notes.txt."""
+    m = _example_matching()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"arrays": "notes.txt"}')
+    with pytest.raises(FileExistsError):
+        m.save(victim)
+    m.save(victim, force=True)
+    # even a header that claims to be a featmatch matching naming notes.txt
+    victim.write_text(json.dumps({"format": "featmatch.matching", "version": 1, "arrays": "notes.txt"}))
+    m.save(victim)
+    assert notes.read_text() == "precious"
+    np.testing.assert_array_equal(Matching.load(victim).perm, m.perm)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_saving_to_a_copy_leaves_the_original_loadable(tmp_path, legacy):
+    """Found 1c: ``cp a.json b.json`` then saving to b.json deleted a.json's arrays."""
+    import shutil
+
+    first = _example_matching()
+    a = tmp_path / "a.json"
+    _write_v1(first, a) if legacy else first.save(a)
+    shutil.copy(a, tmp_path / "b.json")
+    Matching(perm=np.full(12, -1), cost=np.zeros(12), n_b=9).save(tmp_path / "b.json")
+    np.testing.assert_array_equal(Matching.load(a).perm, first.perm)
+    assert (Matching.load(tmp_path / "b.json").perm == -1).all()
 
 
 def test_load_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         Matching.load(tmp_path / "nope.json")
-    path = _example_matching().save(tmp_path / "m.json")
-    Matching.arrays_file(path).unlink()
+    npz = _write_v1(_example_matching(), tmp_path / "m.json")
+    npz.unlink()
     with pytest.raises(FileNotFoundError, match=r"array file .*m\.json"):
-        Matching.load(path)
+        Matching.load(tmp_path / "m.json")
+    with pytest.raises(MatchingFileError, match="is a directory"):
+        Matching.load(tmp_path)
+
+
+def _b64_npz(perm, cost) -> tuple[str, str]:
+    import base64
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, perm=perm, cost=cost)
+    return base64.b64encode(buf.getvalue()).decode(), hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -430,47 +519,65 @@ def test_load_missing_files(tmp_path):
         "truncate_json",
         "garbage_json",
         "wrong_format",
-        "truncate_npz",
-        "swap_npz",
-        "bad_shape",
-        "bad_name",
         "binary_json",
+        "bad_version",
+        "flipped_array_byte",
+        "bad_base64",
+        "truncated_arrays",
+        "bad_shape",
+        "v1_truncate_npz",
+        "v1_swap_npz",
+        "v1_bad_name",
     ],
 )
 def test_corrupt_files_raise_errors_naming_the_file(tmp_path, damage):
     m = _example_matching()
-    path = m.save(tmp_path / "m.json")
-    npz = Matching.arrays_file(path)
+    path = tmp_path / "m.json"
+    if damage.startswith("v1_"):
+        npz = _write_v1(m, path)
+    else:
+        m.save(path)
     header = json.loads(path.read_text())
+    named = "m.json"
     if damage == "truncate_json":
         path.write_text(path.read_text()[:40])
-        named = "m.json"
     elif damage == "garbage_json":
         path.write_text("[1, 2, 3]")
-        named = "m.json"
     elif damage == "binary_json":
         path.write_bytes(b"\xff\xfe\x00garbage")
-        named = "m.json"
     elif damage == "wrong_format":
         header["format"] = "something-else"
         path.write_text(json.dumps(header))
-        named = "m.json"
-    elif damage == "truncate_npz":
-        npz.write_bytes(npz.read_bytes()[:50])
-        named = npz.name
-    elif damage == "swap_npz":  # the array file of another run under the referenced name
-        other = Matching(perm=np.zeros(12, dtype=np.int64), cost=np.zeros(12), n_b=9)
-        other_path = other.save(tmp_path / "other.json")
-        npz.write_bytes(Matching.arrays_file(other_path).read_bytes())
-        named = npz.name
+    elif damage == "bad_version":
+        header["version"] = 99
+        path.write_text(json.dumps(header))
+    elif damage == "flipped_array_byte":  # still valid base64, checksum differs
+        b = header["arrays_npz_base64"]
+        header["arrays_npz_base64"] = b[:100] + ("A" if b[100] != "A" else "B") + b[101:]
+        path.write_text(json.dumps(header))
+    elif damage == "bad_base64":
+        header["arrays_npz_base64"] = "not base64 at all!"
+        path.write_text(json.dumps(header))
+    elif damage == "truncated_arrays":  # checksum recomputed: the archive itself is cut
+        import base64
+        import hashlib
+
+        cut = base64.b64decode(header["arrays_npz_base64"])[:60]
+        header["arrays_npz_base64"], header["arrays_sha256"] = base64.b64encode(cut).decode(), hashlib.sha256(cut).hexdigest()
+        path.write_text(json.dumps(header))
     elif damage == "bad_shape":  # consistent checksum, but shapes disagree with the metadata
         header["n_a"] = 13
         path.write_text(json.dumps(header))
+    elif damage == "v1_truncate_npz":
+        npz.write_bytes(npz.read_bytes()[:50])
+        named = npz.name
+    elif damage == "v1_swap_npz":  # the array file of another run under the referenced name
+        other = tmp_path / "other.json"
+        npz.write_bytes(_write_v1(Matching(perm=np.zeros(12, dtype=np.int64), cost=np.zeros(12), n_b=9), other).read_bytes())
         named = npz.name
     else:
         header["arrays"] = "../elsewhere.npz"
         path.write_text(json.dumps(header))
-        named = "m.json"
     with pytest.raises(MatchingFileError, match=named.replace(".", r"\.")):
         Matching.load(path)
 
@@ -487,20 +594,66 @@ def test_save_rejects_npz_path_and_unserialisable_meta(tmp_path):
 
 def test_interrupted_save_keeps_previous_result(tmp_path, monkeypatch):
     import featmatch.matching._matching as fm
+    from featmatch._io import atomic_save
 
     first = _example_matching()
     path = first.save(tmp_path / "m.json")
-    before = sorted(p.name for p in tmp_path.iterdir())
 
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(path, obj, indent=2, sort_keys=True):  # Ctrl-C half way through the write
+        def writer(tmp):
+            tmp.write_text(json.dumps(obj)[:100])
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(fm, "atomic_write_json", boom)
+        return atomic_save(path, writer)
+
+    monkeypatch.setattr(fm, "atomic_write_json", interrupted)
     second = Matching(perm=np.full(12, -1), cost=np.zeros(12), n_b=9)
     with pytest.raises(KeyboardInterrupt):
         second.save(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     np.testing.assert_array_equal(Matching.load(path).perm, first.perm)
+
+
+def _hammer_writer(path: str, tag: int, seconds: float) -> None:
+    """Save matchings tagged ``tag`` (perm and meta agree) to ``path`` for ``seconds``."""
+    import time
+
+    rng = np.random.default_rng(tag)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        perm = rng.permutation(300)
+        Matching(perm=perm, cost=np.full(300, float(tag)), n_b=300, meta={"tag": tag, "first": int(perm[0])}).save(path)
+
+
+def test_concurrent_saves_and_loads_never_see_a_mix_or_leave_orphans(tmp_path):
+    """Found 1d: two writers and one reader on one path: every load is a complete matching
+    from one writer (its perm, cost and meta agree), and only the one file remains."""
+    import multiprocessing as mp
+    import time
+
+    path = tmp_path / "m.json"
+    Matching(perm=np.arange(300), cost=np.zeros(300), n_b=300, meta={"tag": 0, "first": 0}).save(path)
+    ctx = mp.get_context("fork")
+    writers = [ctx.Process(target=_hammer_writer, args=(str(path), tag, 3.0)) for tag in (1, 2)]
+    for w in writers:
+        w.start()
+    loads, failures, tags = 0, [], set()
+    while any(w.is_alive() for w in writers):
+        try:
+            m = Matching.load(path)
+        except (MatchingFileError, FileNotFoundError) as exc:  # would have to name the file
+            failures.append(str(exc))
+            continue
+        loads += 1
+        tags.add(m.meta["tag"])
+        assert m.perm[0] == m.meta["first"] and np.all(m.cost == m.meta["tag"])
+        assert np.array_equal(np.sort(m.perm), np.arange(300))
+        time.sleep(0.001)
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert failures == [] and loads > 50 and {1, 2} <= tags
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]  # no temporary or array files
 
 
 def test_sparse_solver_agrees_with_dense_on_a_planted_pair():

@@ -105,3 +105,18 @@ def test_match_stack_sparse_path_keeps_metric_and_thresholds():
         assert m.meta["metric"] == "cosine" and m.meta["unmatched_above"] == 0.5
         assert np.nanmax(m.cost) <= 0.5 and m.meta["unmatched_threshold"] == 0.5
         assert torch.isfinite(torch.from_numpy(m.cost[m.matched])).all()
+
+
+@pytest.mark.parametrize("solver", ["sparse", "dense"])
+def test_match_stack_solves_the_thresholded_problem_like_match(solver):
+    saes = [jumprelu_sae(d_in=16, d_sae=40, seed=s, hook_name=f"blocks.{s}.hook_resid_post") for s in range(3)]
+    full = match(saes[0], saes[1], solver="dense")
+    lam = float(np.quantile(full.cost, 0.6))
+    stack = match_stack(saes, solver=solver, unmatched_above=lam, progress=False)
+    for t, m in enumerate(stack):
+        ref = match(saes[t], saes[t + 1], solver=solver, unmatched_above=lam)
+        assert np.array_equal(m.perm, ref.perm)
+        assert m.meta.get("unmatched_mode") == "solve"
+    masked = match_stack(saes, solver=solver, unmatched_above=lam, unmatched_mode="mask", progress=False)
+    ref = match(saes[0], saes[1], solver=solver, unmatched_above=lam, unmatched_mode="mask")
+    assert np.array_equal(masked[0].perm, ref.perm)

@@ -341,3 +341,41 @@ def test_package_reexports_are_the_stage_objects():
     # the re-exports are lazy: importing the package alone does not import torch
     code = "import sys, featmatch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# --------------------------------------------------------------------------------------
+# issue 17: errors naming the file and the side
+# --------------------------------------------------------------------------------------
+
+
+def test_corrupt_cfg_and_truncated_safetensors_name_the_file(tmp_path):
+    folder = tmp_path / "sae"
+    jumprelu_sae(d_in=8, d_sae=16).save_model(folder)
+    weights_file = folder / "sae_weights.safetensors"
+    good = weights_file.read_bytes()
+    weights_file.write_bytes(good[:64])
+    with pytest.raises(ValueError, match=rf"{weights_file}: corrupt or truncated safetensors file"):
+        load_sae(folder)
+    weights_file.write_bytes(good)
+    cfg = folder / "cfg.json"
+    cfg.write_text(cfg.read_text()[:25])
+    with pytest.raises(ValueError, match=rf"{cfg} is corrupt \(truncated or not JSON"):
+        load_sae(folder)
+
+
+def test_weight_errors_name_the_side_and_the_fold_setting():
+    sae = jumprelu_sae(d_in=8, d_sae=16)
+    with torch.no_grad():
+        sae.threshold[3] = -0.25
+    with pytest.raises(ValueError, match=r"^SAE B threshold \(theta\) has 1 values <= 0 .*folding divides"):
+        weights(sae, side="B")
+    with pytest.raises(ValueError, match=r"^SAE A threshold") as exc:
+        weights(sae, side="A", fold=False)
+    assert "fold" not in str(exc.value)
+    with torch.no_grad():
+        sae.threshold[3] = 1.0
+        sae.W_enc[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^SAE A parameter W_enc contains 1 non-finite"):
+        featmatch.match(sae, jumprelu_sae(d_in=8, d_sae=16, seed=1))
+    with pytest.raises(ValueError, match=r"^SAE B parameter W_enc contains 1 non-finite"):
+        featmatch.match(jumprelu_sae(d_in=8, d_sae=16, seed=1), sae)

@@ -38,6 +38,7 @@ def unit_profile(name: str = "unit", **over):
         sae={"d_sae": 32, "target_l0": 4},
         trainer={"epochs": 2, "train_batch_size_samples": 256, "n_batches_for_norm_estimate": 2},
         l0b={"layers": [1, 2], "sae": {"target_l0": 8}},
+        seed2={"layers": []},
     )
     base.update(over)
     return zoo.make_profile(name, base="tiny", **base)
@@ -327,3 +328,60 @@ def test_thresholds_at_or_below_zero_are_floored_and_counted():
     assert torch.equal(sae.threshold[3:], before[3:])
     fold(sae)  # now valid
     assert zoo_mod._floor_thresholds(sae) == 0
+
+
+# --------------------------------------------------------------------------- verification (issue 17)
+
+
+@pytest.fixture
+def tiny_copy(tmp_path, monkeypatch):
+    """A private copy of the real tiny zoo (the shared one is never modified)."""
+    import shutil
+
+    real = zoo.manifest_path("tiny").parent
+    monkeypatch.setenv("FEATMATCH_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(real, zoo.zoo_dir("tiny", create=False), ignore=shutil.ignore_patterns(".build.lock"))
+    return zoo.manifest_path("tiny").parent
+
+
+def test_verify_rehashes_every_recorded_file(tiny_copy):
+    assert zoo.verify("tiny") == {}
+    man = zoo.manifest("tiny")
+    e3, e9 = man["saes"]["main"]["3"], man["saes"]["l0b"]["14"]
+    w3 = tiny_copy / e3["path"] / "sae_weights.safetensors"
+    data = bytearray(w3.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight
+    w3.write_bytes(bytes(data))
+    (tiny_copy / e9["path"] / "cfg.json").unlink()
+    bad = zoo.verify("tiny")
+    assert set(bad) == {str(w3), str(tiny_copy / e9["path"] / "cfg.json")}
+    assert "sha256 differs" in bad[str(w3)] and bad[str(tiny_copy / e9["path"] / "cfg.json")] == "missing"
+
+
+def test_truncated_manifest_is_an_error_naming_it(tiny_copy):
+    man = tiny_copy / "manifest.json"
+    man.write_text(man.read_text()[:300])
+    with pytest.raises(zoo.ZooIntegrityError, match=f"zoo manifest {man} is corrupt"):
+        zoo.manifest("tiny")
+    with pytest.raises(zoo.ZooIntegrityError, match=f"zoo manifest {man} is corrupt"):
+        zoo.sae_path("featmatch-smollm2-tiny", "blocks.3.hook_resid_post")
+    man.write_text("[1, 2]")
+    with pytest.raises(zoo.ZooIntegrityError, match="not a JSON object"):
+        zoo.verify("tiny")
+
+
+def test_zoo_training_uses_the_fitted_thread_count(tmp_cache, model, monkeypatch):
+    """Each SAE trains inside featmatch._threads.fitted_threads (FEATMATCH_THREADS pins it here)."""
+    seen = []
+    real = zoo._train_sae
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(zoo, "_train_sae", spy)
+    monkeypatch.setenv("FEATMATCH_THREADS", "1" if before > 1 else "2")
+    build(unit_profile("threads", layers=[0], l0b={"layers": []}), model)
+    assert seen and set(seen) == {1 if before > 1 else 2}
+    assert torch.get_num_threads() == before  # restored

@@ -1,0 +1,204 @@
+"""Issue 18: exact matching when many features have no partner, and the thresholded problem.
+
+References no one here wrote: scipy ``linear_sum_assignment`` on the full matrix and, for
+the thresholded problem, on the matrix augmented with explicit dummy columns (row i may take
+its own dummy at cost lambda); planted truth from featmatch.synthetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _builders import jumprelu_sae
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from featmatch.matching import _lap as lap
+from featmatch.matching import assign, match, pairwise_cost
+from featmatch.matching._costs import feature_vectors, rounding_bound
+from featmatch.synthetic import planted_vectors
+
+
+def _augmented_optimum(cost: np.ndarray, lam: float) -> float:
+    """min over partial matchings of sum C + lam * (unmatched rows): scipy on [C | lam on a diagonal]."""
+    n, m = cost.shape
+    big = 10.0 * (np.abs(cost).max() + abs(lam)) + 1.0
+    aug = np.full((n, m + n), big)
+    aug[:, :m] = cost
+    aug[np.arange(n), m + np.arange(n)] = lam
+    r, c = linear_sum_assignment(aug)
+    return float(aug[r, c].sum())
+
+
+def _objective(cost: np.ndarray, perm: np.ndarray, lam: float) -> float:
+    ok = perm >= 0
+    return float(cost[np.flatnonzero(ok), perm[ok]].sum()) + lam * int((~ok).sum())
+
+
+def _vectors(seed: int, n: int, m: int, d: int, structured: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if structured:  # planted partners for part of A, fresh rows elsewhere
+        a, b, _ = planted_vectors(max(n, m), d, seed, unmatched=0.4, noise=0.8)
+        return a[:n].contiguous(), b[:m].contiguous()
+    return torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 40),
+    m=st.integers(1, 40),
+    d=st.integers(1, 8),
+    q=st.floats(0.0, 1.0),
+    k=st.integers(1, 6),
+    metric=st.sampled_from(["mse", "cosine"]),
+    structured=st.booleans(),
+)
+def test_threshold_match_equals_dense_reference_with_dummy_columns(seed, n, m, d, q, k, metric, structured):
+    """The sparse thresholded solve reaches the optimum of scipy on the augmented matrix, up to
+    the rounding of its own float32 products (rounding_bound, summed over rows)."""
+    a, b = _vectors(seed, n, m, d, structured)
+    cost = pairwise_cost(a, b, metric=metric)
+    lam = float(np.quantile(cost, q))
+    perm, pc, info = lap.threshold_match(a, b, lam, metric=metric, k=k, return_info=True)
+    assert info.certified and info.path == "threshold"
+    ok = perm >= 0
+    assert np.unique(perm[ok]).size == ok.sum()  # injective
+    assert np.all(pc[ok] < lam) and np.isnan(pc[~ok]).all()
+    slack = 2.0 * rounding_bound(a, b, metric).max(1).sum()
+    ref = _augmented_optimum(cost, lam)
+    assert abs(_objective(cost, perm, lam) - ref) <= slack + 1e-12 * max(1.0, abs(ref))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 30),
+    m=st.integers(1, 30),
+    q=st.floats(0.0, 1.0),
+)
+def test_threshold_assign_equals_augmented_lsa_and_clipped_lap(seed, n, m, q):
+    """Dense thresholded solve = scipy on the augmented matrix (same numbers, float64 exact), and
+    (square / F_A <= F_B) = the full assignment's optimum on min(C, lambda)."""
+    rng = np.random.default_rng(seed)
+    cost = rng.random((n, m))
+    lam = float(np.quantile(cost, q))
+    perm, pc = lap.threshold_assign(cost, lam)
+    ok = perm >= 0
+    assert np.all(pc[ok] < lam)
+    ref = _augmented_optimum(cost, lam)
+    got = _objective(cost, perm, lam)
+    assert got == pytest.approx(ref, rel=1e-12, abs=1e-12)
+    if n <= m:
+        clipped = np.minimum(cost, lam)
+        r, c = linear_sum_assignment(clipped)
+        assert got == pytest.approx(float(clipped[r, c].sum()), rel=1e-12, abs=1e-12)
+    # never worse than masking the full permutation (the old unmatched_above)
+    fp, _ = assign(cost)
+    masked = np.where((fp >= 0) & (cost[np.arange(n), np.maximum(fp, 0)] <= lam), fp, -1)
+    assert got <= _objective(cost, masked, lam) + 1e-12
+
+
+@pytest.mark.parametrize(("n", "m"), [(240, 240), (180, 240), (240, 180)])
+@pytest.mark.parametrize("noise", [0.3, 0.8])
+def test_sparse_match_many_unpartnered_is_optimal_and_certified(n, m, noise):
+    """40-60% unpartnered features (the cores this issue is about: past the old n/3 rule) —
+    the certified solver agrees with scipy on the dense matrix."""
+    for unp in (0.4, 0.6):
+        a, b, _ = planted_vectors(max(n, m), 24, 7, unmatched=unp, noise=noise)
+        a, b = a[:n].contiguous(), b[:m].contiguous()
+        perm, cost, info = lap.sparse_match(a, b, return_info=True)
+        assert info.certified
+        dense = pairwise_cost(a, b)
+        pd, cd = assign(dense)
+        slack = info.gap_bound + 2.0 * rounding_bound(a, b, "mse").max(1).sum()
+        assert abs(np.nansum(cost) - np.nansum(cd)) <= slack
+        assert (perm >= 0).sum() == min(n, m)
+
+
+def test_core_growth_reuses_the_previous_block():
+    """_grow_block assembles E[R][:, C] from the previous block plus new rows/columns: the same
+    numbers as computing it directly."""
+    rng = np.random.default_rng(0)
+    full = torch.from_numpy(rng.random((50, 60)))
+    calls = []
+
+    def compute(r, c):
+        calls.append((r.size, c.size))
+        return full[np.ix_(r, c)].clone()
+
+    R0, C0 = np.array([1, 5, 9, 20]), np.array([0, 3, 4, 40, 59])
+    E0 = compute(R0, C0)
+    calls.clear()
+    R1, C1 = np.array([1, 2, 5, 9, 20, 33]), np.array([0, 3, 4, 7, 40, 59])
+    E1 = lap._grow_block((R0, C0, E0), R1, C1, compute)
+    torch.testing.assert_close(E1, full[np.ix_(R1, C1)], rtol=0, atol=0)
+    assert calls == [(2, 6), (4, 1)]  # only the new rows, and the old rows' new column
+    # a block that does not contain the previous one is computed afresh
+    R2 = np.array([0, 1])
+    torch.testing.assert_close(lap._grow_block((R1, C1, E1), R2, C1, compute), full[np.ix_(R2, C1)])
+
+
+@pytest.mark.parametrize("solver", ["dense", "sparse"])
+def test_match_unmatched_above_solves_the_thresholded_problem(solver):
+    """match(unmatched_above=lam) returns the thresholded optimum (dense reference with dummy
+    columns); unmatched_mode="mask" is the old full-permutation-then-mask result."""
+    sa, sb = jumprelu_sae(d_in=8, d_sae=60, seed=3), jumprelu_sae(d_in=8, d_sae=70, seed=4)
+    xa, xb = feature_vectors(sa, on="both", fold=True), feature_vectors(sb, on="both", fold=True)
+    cost = pairwise_cost(xa, xb)
+    full_perm, full_cost = assign(cost)
+    lam = float(np.quantile(full_cost, 0.6))
+    m = match(sa, sb, solver=solver, unmatched_above=lam)
+    assert m.meta["unmatched_mode"] == "solve" and m.meta["unmatched_threshold"] == lam
+    slack = 2.0 * rounding_bound(xa, xb, "mse").max(1).sum()
+    assert abs(_objective(cost, m.perm, lam) - _augmented_optimum(cost, lam)) <= slack + 1e-12
+    assert np.nanmax(m.cost) < lam
+    old = match(sa, sb, solver=solver, unmatched_above=lam, unmatched_mode="mask")
+    expect = np.where(full_cost <= lam, full_perm, -1)
+    np.testing.assert_array_equal(old.perm, expect)
+    assert _objective(cost, m.perm, lam) <= _objective(cost, old.perm, lam) + slack
+    with pytest.raises(ValueError, match="unmatched_mode"):
+        match(sa, sb, unmatched_above=lam, unmatched_mode="drop")
+
+
+def test_threshold_match_rejects_bad_input():
+    a = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        lap.threshold_match(a, a, float("nan"))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        lap.threshold_match(a, a, 1.0, k=0)
+    perm, cost = lap.threshold_match(a[:0], a, 1.0)
+    assert perm.shape == (0,) and cost.shape == (0,)
+
+
+def test_auto_switch_solves_a_large_rectangular_core_densely():
+    """auto_dense_share: a predicted rectangular core above the share goes to the dense solver
+    (same optimum, marked in the info); square problems never switch."""
+    a, b, _ = planted_vectors(160, 16, 2, unmatched=0.6, noise=0.8)
+    a = a[:120].contiguous()
+    perm, cost, info = lap.sparse_match(a, b, return_info=True, auto_dense_share=0.25)
+    assert info.fallback == "auto-dense" and info.path == "dense" and info.certified
+    pd, cd = assign(pairwise_cost(a, b))
+    assert abs(np.nansum(cost) - np.nansum(cd)) <= 1e-9 * abs(np.nansum(cd))
+    perm2, _, info2 = lap.sparse_match(a, b, return_info=True, auto_dense_share=0.99)
+    assert info2.fallback is None and info2.path == "core"
+    sq_a, sq_b, _ = planted_vectors(160, 16, 2, unmatched=0.6, noise=0.8)
+    assert lap.sparse_match(sq_a, sq_b, return_info=True, auto_dense_share=0.0)[2].fallback is None
+
+
+def test_threshold_components_too_large_to_clip_use_the_sparse_solver(monkeypatch):
+    """_threshold_lap solves a component densely (clipped costs) or, when its block would not
+    fit, by LAPJVsp with one dummy per row: both reach the augmented-matrix optimum."""
+    rng = np.random.default_rng(5)
+    cost = rng.random((30, 25))
+    lam = float(np.quantile(cost, 0.4))
+    ref = _augmented_optimum(cost, lam)
+    assert _objective(cost, lap.threshold_assign(cost, lam)[0], lam) == pytest.approx(ref, rel=1e-12)
+
+    class _NoMemory:
+        available = 0.0
+
+    monkeypatch.setattr(lap.psutil, "virtual_memory", lambda: _NoMemory())
+    assert _objective(cost, lap.threshold_assign(cost, lam)[0], lam) == pytest.approx(ref, rel=1e-12)
