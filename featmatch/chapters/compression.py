@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from featmatch.chapters.claims import Claim, make_claim, null_distribution
+from featmatch.chapters.claims import Claim, bootstrap_corr, make_claim, null_distribution
 
 __all__ = [
     "METHOD_LABELS",
@@ -827,36 +827,6 @@ def equal_budget_table(eq: Any, n_supernodes: Mapping[str, int]) -> pd.DataFrame
     )
 
 
-def _spearman_ci(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """Spearman ρ with a percentile bootstrap interval over the paired units."""
-    from scipy import stats
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    rho = float(stats.spearmanr(a, b).statistic)
-    if len(a) < 4:
-        return rho, np.nan, np.nan
-
-    def stat(x, y, axis=-1):
-        rx = stats.rankdata(x, axis=axis)
-        ry = stats.rankdata(y, axis=axis)
-        rx = rx - rx.mean(axis=axis, keepdims=True)
-        ry = ry - ry.mean(axis=axis, keepdims=True)
-        den = np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, (rx * ry).sum(axis=axis) / np.where(den > 0, den, 1), 0.0)
-
-    res = stats.bootstrap(
-        (a, b),
-        stat,
-        paired=True,
-        vectorized=True,
-        method="percentile",
-        n_resamples=2000,
-        random_state=np.random.default_rng(seed),
-    )
-    return rho, float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def compression_claims(
     curve: Any,
     choice: tuple[str, int, pd.Series],
@@ -924,7 +894,7 @@ def compression_claims(
             section=sec.get("faithful", ""),
         )
     ]
-    rho, rlo, rhi = _spearman_ci(top["linear"].to_numpy(), top["exact"].to_numpy(), seed=seed)
+    rho, rlo, rhi = bootstrap_corr(top["linear"].to_numpy(), top["exact"].to_numpy(), method="spearman", seed=seed)
     perm = null_distribution(
         lambda rng: float(
             np.corrcoef(np.argsort(np.argsort(top["linear"])), rng.permutation(len(top)))[0, 1]
