@@ -66,6 +66,7 @@ METHOD_LABELS: dict[str, str] = {
     "encode_permute_decode_unfolded": "encode-permute-decode (unfolded)",
     "top1_cosine_folded": "top-1 cosine (Feature Flow)",
     "top1_cosine_unfolded": "top-1 cosine, unfolded scale",
+    "epd_unfolded_perm_folded_scale": "EPD: unfolded permutation, folded scale",
 }
 
 #: The paper's hybrid layers 3, 10 and 20 of Gemma-2-2B's 26, as fractions of the depth.
