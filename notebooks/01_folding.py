@@ -38,6 +38,7 @@ OUT_DIR = None  # folder for the figures (set by `featmatch run-notebook`)
 MIN_FIRES = 5  # a feature must fire this often to be shown, sampled or judged
 N_JUDGE = None  # matched pairs judged per layer pair and variant; None: 6 on tiny, else 12
 JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanations" for Neuronpedia texts)
+SCHEDULER = None  # Dask scheduler for the heavy passes: None (here), "local:N" or an address (pip install 'featmatch[distributed]')
 
 # %% [markdown]
 # **Other models.** With a network, the same notebook runs on the paper's setting or on GPT-2:
@@ -74,7 +75,7 @@ pd.set_option("display.width", 200)
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
 defaults = chapter_defaults("folding", PROFILE, N_TOKENS=N_TOKENS, N_JUDGE=N_JUDGE)
 N_TOKENS, N_JUDGE = defaults["N_TOKENS"], defaults["N_JUDGE"]
-setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
+setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE, scheduler=SCHEDULER)
 layers = setup.layers
 pairs = common.adjacent_pairs(layers)
 n_layers = int(setup.model.cfg.n_layers)

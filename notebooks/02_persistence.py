@@ -28,6 +28,7 @@ N_PATHS = 4  # features followed through all layers (App. D)
 MIN_FIRES = 5  # a feature must fire this often to be sampled, judged or followed
 N_JUDGE = None  # features judged per (start, target) and method; None: 4 on tiny, else 8
 JUDGE_VARIANT = "examples"  # the judge compares activating contexts ("explanations" for Neuronpedia texts)
+SCHEDULER = None  # Dask scheduler for the heavy passes: None (here), "local:N" or an address (pip install 'featmatch[distributed]')
 
 # %% [markdown]
 # **Other models.** With a network:
@@ -63,7 +64,7 @@ pd.set_option("display.width", 200)
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
 defaults = chapter_defaults("persistence", PROFILE, N_TOKENS=N_TOKENS, N_JUDGE=N_JUDGE)
 N_TOKENS, N_JUDGE = defaults["N_TOKENS"], defaults["N_JUDGE"]
-setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
+setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE, scheduler=SCHEDULER)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)
 if START_LAYERS is None:

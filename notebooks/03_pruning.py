@@ -37,6 +37,7 @@ LAYER_STEP = None  # evaluate every LAYER_STEP-th layer (plus the last one); Non
 HYBRID_LAYERS = None  # None: at 12%, 38% and 77% of the depth, like the paper's 3, 10, 20 of 26
 HYBRID_QS = None  # quantiles q of Eq. 6; None: [0, 0.5, 1] on tiny and quick, [0, 0.25, 0.5, 0.75, 1] on full
 BATCH_SIZE = 8  # sequences per forward
+SCHEDULER = None  # Dask scheduler for the heavy passes: None (here), "local:N" or an address (pip install 'featmatch[distributed]')
 
 # %% [markdown]
 # **Other models.** With a network:
@@ -72,7 +73,7 @@ pd.set_option("display.width", 200)
 # profile-dependent defaults are resolved here, after papermill has injected the parameters
 defaults = chapter_defaults("pruning", PROFILE, N_TOKENS=N_TOKENS, LAYER_STEP=LAYER_STEP, HYBRID_QS=HYBRID_QS)
 N_TOKENS, LAYER_STEP, HYBRID_QS = defaults["N_TOKENS"], defaults["LAYER_STEP"], defaults["HYBRID_QS"]
-setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
+setup = load_setup(MODEL, SAE_SET, LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE, scheduler=SCHEDULER)
 layers = setup.layers
 n_layers = int(setup.model.cfg.n_layers)
 tokens = setup.tokens

@@ -51,6 +51,7 @@ N_JUDGE = None  # judged features per pair, the same for every method; None: pro
 SEED = 0
 OUT_DIR = None  # folder for the figures (PNG) and the claims table (CSV), None: not saved
 # The profile defaults (tiny, quick, full) are in featmatch/chapters/profiles.yaml.
+SCHEDULER = None  # Dask scheduler for the heavy passes: None (here), "local:N" or an address (pip install 'featmatch[distributed]')
 
 # %% [markdown]
 # Values for the paper's own settings (they need the hub, so they do not run offline):
@@ -98,7 +99,7 @@ set_name = SAE_SET or f"featmatch-smollm2-{PROFILE}"
 all_layers = sorted(sae_set(set_name).layers)
 pairs = R.resolve_pairs(PAIRS, all_layers)
 layers = sorted({layer for p in pairs for layer in p})
-setup = load_setup(MODEL, set_name, layers=layers, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
+setup = load_setup(MODEL, set_name, layers=layers, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE, scheduler=SCHEDULER)
 model_label = f"{MODEL} ({set_name})"
 print(
     f"{model_label}: pairs {pairs}; {setup.tokens.shape[0]} eval sequences x {setup.tokens.shape[1]} tokens; "
@@ -160,7 +161,7 @@ R.distribution_summary(dists)
 cmp_pair = R.comparison_pair(pairs)
 la, lb = cmp_pair
 nn_summary, nn_per_query = R.nearest_recall(
-    dists[la], dists[lb], N_NN, sorted({32, CANDIDATES}), k=10, seed=SEED
+    dists[la], dists[lb], N_NN, sorted({32, CANDIDATES}), k=10, seed=SEED, client=setup.client
 )
 nn_summary
 
@@ -187,6 +188,7 @@ for pa, pb in pairs:
         seed=SEED,
         fit_stats=stats_fit,
         pair=(pa, pb),
+        client=setup.client,
     )
     print(f"{pa}→{pb}: {len(matchings[(pa, pb)])} matchings in {time.perf_counter() - t:.1f} s")
 

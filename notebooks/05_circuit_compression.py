@@ -51,6 +51,7 @@ SPACE = "layer:mid"  # reference space of Semantic OT (layer 15 of SmolLM2)
 PCA_K = 32  # PCA dimensions of the reference space
 OT_METHOD = "exact"  # "exact" (POT emd2), "sinkhorn" or "sliced"
 N_THREADS = 1  # torch threads, 1 is several times faster than 2 on a shared 2-core machine
+SCHEDULER = None  # Dask scheduler for the heavy passes: None (here), "local:N" or an address (pip install 'featmatch[distributed]')
 
 # %%
 import tempfile
@@ -94,7 +95,9 @@ LAYERS, BUDGETS = list(P["LAYERS"]), [int(b) for b in P["BUDGETS"]]
 N_PROMPTS, N_EXACT, N_CHANCE, N_ACC, N_TOKENS = (
     int(P[k]) for k in ("N_PROMPTS", "N_EXACT", "N_CHANCE", "N_ACC", "N_TOKENS")
 )
-setup = R.load_circuit_setup(MODEL, SAE_SET, layers=LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE)
+setup = R.load_circuit_setup(
+    MODEL, SAE_SET, layers=LAYERS, n_tokens=N_TOKENS, seed=SEED, profile=PROFILE, scheduler=SCHEDULER
+)
 model, saes = setup.model, setup.saes
 MODEL_LABEL = f"{MODEL} + {setup.sae_set}"
 print(

@@ -36,3 +36,22 @@ def tmp_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("FEATMATCH_CACHE", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real local Dask cluster, 2 single-threaded worker processes, shared by the distributed tests.
+
+    Workers are spawned processes: they inherit this environment (HF_HUB_OFFLINE, FEATMATCH_CACHE)
+    and load models and SAEs from their sources, as on a real cluster.
+    """
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    yield client
+    from featmatch import _dask
+
+    _dask._close_clients()  # clients the tests opened by address (get_client) go before the cluster
+    client.close()
+    cluster.close()

@@ -465,3 +465,47 @@ def test_sigint_during_a_dense_solve_exits_130_at_once_and_leaves_nothing(tmp_pa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_match_stack_writes_one_matching_per_pair_locally_and_on_a_cluster(dask_client, tmp_path, capsys):
+    from featmatch.matching import match_stack
+    from featmatch.saes._sae import load_sae
+
+    sources = [f"featmatch-smollm2-tiny:blocks.{L}.hook_resid_post" for L in range(3, 7)]
+    want = match_stack([load_sae(s) for s in sources], progress=False, unmatched_quantile=0.9)
+    local, dist = tmp_path / "local", tmp_path / "dist"
+    assert main(["match-stack", *sources, "--unmatched-quantile", "0.9", "--out-dir", str(local)]) == 0
+    argv = ["match-stack", "--set", "featmatch-smollm2-tiny", "--layers", "3:7", "--unmatched-quantile", "0.9"]
+    assert main([*argv, "--scheduler", dask_client.scheduler.address, "--out-dir", str(dist)]) == 0
+    text = capsys.readouterr().out
+    assert "3 pairs" in text and dask_client.scheduler.address in text
+    assert _outputs(local) == ["pair_00_01.json", "pair_01_02.json", "pair_02_03.json"]
+    assert _outputs(dist) == ["pair_03_04.json", "pair_04_05.json", "pair_05_06.json"]
+    for m, f_local, f_dist in zip(want, sorted(local.iterdir()), sorted(dist.iterdir()), strict=True):
+        np.testing.assert_array_equal(Matching.load(f_local).perm, m.perm)
+        np.testing.assert_array_equal(Matching.load(f_dist).perm, m.perm)
+    assert Matching.load(dist / "pair_03_04.json").meta["source_a"] == sources[0]
+
+
+def test_match_stack_failure_writes_nothing(dask_client, tmp_path, capsys):
+    good = "featmatch-smollm2-tiny:blocks.3.hook_resid_post"
+    out = tmp_path / "out"
+    argv = ["match-stack", good, good, str(tmp_path / "missing"), "--out-dir", str(out)]
+    assert main([*argv, "--scheduler", dask_client.scheduler.address]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not out.exists()  # the good first pair was not written either
+    assert main(["match-stack", good, "--out-dir", str(out)]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert main(["match-stack", good, good, "--scheduler", "local:0", "--out-dir", str(out)]) == 2
+    assert "local:N" in capsys.readouterr().err
+
+
+def test_match_on_a_cluster_names_the_bad_side(dask_client, sae_dirs, tmp_path, capsys):
+    a, b, truth = sae_dirs
+    out = tmp_path / "m.json"
+    assert main(["match", str(a), str(b), "--scheduler", dask_client.scheduler.address, "--out", str(out)]) == 0
+    assert recovery(Matching.load(out).perm, truth) >= 0.99
+    bad = ["match", str(a), str(tmp_path / "nope"), "--scheduler", dask_client.scheduler.address]
+    assert main([*bad, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "SAE B" in err and "nope" in err and len(err.strip().splitlines()) == 1

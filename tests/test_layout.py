@@ -23,6 +23,7 @@ RANKS = {
     "featmatch._hooks": 0,
     "featmatch._progress": 0,
     "featmatch._threads": 0,
+    "featmatch._dask": 0,
     "featmatch.lm": 1,
     "featmatch.judging": 1,
     "featmatch.saes": 2,

@@ -169,6 +169,7 @@ def load_circuit_setup(
     seq_len: int = 128,
     seed: int = 0,
     profile: str | None = None,
+    scheduler: Any = None,
 ):
     """Like :func:`featmatch.chapters.setup.load_setup`, but builds no SAE it does not need.
 
@@ -185,7 +186,15 @@ def load_circuit_setup(
 
     profile = profile or default_profile()
     set_name = sae_set or f"featmatch-smollm2-{profile}"
-    kwargs = dict(model=model, sae_set=sae_set, layers=layers, n_tokens=n_tokens, seq_len=seq_len, seed=seed)
+    kwargs = dict(
+        model=model,
+        sae_set=sae_set,
+        layers=layers,
+        n_tokens=n_tokens,
+        seq_len=seq_len,
+        seed=seed,
+        scheduler=scheduler,
+    )
     if layers is None or not set_name.startswith("featmatch-"):
         return load_setup(**kwargs, profile=profile)
     from featmatch.saes._sae import load_layer_sae
@@ -199,7 +208,9 @@ def load_circuit_setup(
 
     hooked = load_model(model)
     tokens = token_batches(hooked.tokenizer, n_tokens=n_tokens, seq_len=seq_len, split="eval", seed=seed)
-    return Setup(model, set_name, [int(L) for L in layers], hooked, saes, tokens, profile=profile)
+    return Setup(
+        model, set_name, [int(L) for L in layers], hooked, saes, tokens, profile=profile, scheduler=scheduler
+    )
 
 
 def pick_prompts(task: Any, n: int, seed: int = 0) -> Any:

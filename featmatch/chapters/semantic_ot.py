@@ -416,7 +416,9 @@ def distribution_summary(dists: Mapping[int, Any]) -> pd.DataFrame:
     )
 
 
-def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed: int = 0) -> tuple[Any, Any]:
+def semantic_matchings(
+    a: Any, b: Any, method: str, candidates: int | None, seed: int = 0, *, client: Any = None
+) -> tuple[Any, Any]:
     """Semantic OT (one-to-one assignment) and its top-1 variant from one set of distances.
 
     With ``method="exact"`` and an int ``candidates`` ``c``, the distances are the sparse
@@ -432,6 +434,8 @@ def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed
     candidates : int, optional
         Pairs per feature computed by ``method`` (``None``: all).
     seed : int
+    client : dask.distributed.Client or str, optional
+        Run the nearest-neighbour search on a Dask cluster (``featmatch.semantic.nearest``).
 
     Returns
     -------
@@ -441,7 +445,7 @@ def semantic_matchings(a: Any, b: Any, method: str, candidates: int | None, seed
     from featmatch.semantic._semantic import distance_matrix, nearest, semantic_match
 
     if method == "exact" and candidates is not None and len(a) * len(b) <= 4096**2:
-        idx, dist = nearest(a, b, k=int(candidates), candidates=int(candidates), seed=seed)
+        idx, dist = nearest(a, b, k=int(candidates), candidates=int(candidates), seed=seed, client=client)
         D = np.full((len(a), len(b)), np.inf)
         rows = np.repeat(np.arange(len(a)), (idx >= 0).sum(1))
         D[rows, idx[idx >= 0]] = dist[idx >= 0]
@@ -471,6 +475,7 @@ def pair_matchings(
     *,
     fit_stats: Any = None,
     pair: tuple[int, int] | None = None,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Every matching of one layer pair, keyed by :data:`METHODS`, each method in both forms.
 
@@ -484,6 +489,9 @@ def pair_matchings(
       ``pairs=[pair]``): :func:`featmatch.matching.baselines.coactivation_matching`, top-1
       and assignment on the Pearson correlation.
 
+    ``client`` (a Dask client or scheduler string) runs Semantic OT's nearest-neighbour
+    search on a cluster; the result is the same.
+
     Returns
     -------
     dict str -> Matching
@@ -493,7 +501,7 @@ def pair_matchings(
     from featmatch.matching.baselines import coactivation_matching
     from featmatch.semantic._semantic import decoder_cosine_match, sae_match
 
-    sem, sem1 = semantic_matchings(dist_a, dist_b, method, candidates, seed)
+    sem, sem1 = semantic_matchings(dist_a, dist_b, method, candidates, seed, client=client)
     cost = cost_matrix(sae_a, sae_b, on="both", metric="mse", fold=True)
     j = cost.argmin(1)
     sm1 = Matching(
@@ -949,7 +957,14 @@ def reference_space_table(
 
 
 def nearest_recall(
-    a: Any, b: Any, n_queries: int, candidates: Sequence[int], k: int = 10, seed: int = 0
+    a: Any,
+    b: Any,
+    n_queries: int,
+    candidates: Sequence[int],
+    k: int = 10,
+    seed: int = 0,
+    *,
+    client: Any = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     r"""Recall of :func:`featmatch.semantic.nearest` against the exact top-``k``.
 
@@ -960,6 +975,10 @@ def nearest_recall(
     For each candidate count ``c``, the uncertified search is scored per query:
     ``hit1`` (its top-1 has the exact nearest distance) and ``overlap`` (share of the exact
     top-``k`` it returns).
+
+    With ``client`` (a Dask client or scheduler string) every search runs on the cluster,
+    one task per block of queries; the recalls are the same, the seconds include the
+    scheduler's overhead.
 
     Returns
     -------
@@ -975,12 +994,12 @@ def nearest_recall(
     q = np.sort(rng.choice(len(a), size=min(int(n_queries), len(a)), replace=False))
     aq = a.subset(q)
     t0 = time.perf_counter()
-    ex_idx, ex_d = nearest(aq, b, k=k, candidates=k, certify=True, seed=seed)
+    ex_idx, ex_d = nearest(aq, b, k=k, candidates=k, certify=True, seed=seed, client=client)
     t_ex = time.perf_counter() - t0
     rows, per = [], []
     for c in candidates:
         t0 = time.perf_counter()
-        idx, d = nearest(aq, b, k=k, candidates=int(c), seed=seed)
+        idx, d = nearest(aq, b, k=k, candidates=int(c), seed=seed, client=client)
         dt = time.perf_counter() - t0
         hit1 = np.isclose(d[:, 0], ex_d[:, 0], rtol=1e-9, atol=1e-12)
         overlap = np.array([len(set(x) & set(y)) / k for x, y in zip(idx, ex_idx, strict=True)])

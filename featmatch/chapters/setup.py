@@ -85,20 +85,40 @@ class Setup:
     tokens: Any
     profile: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    scheduler: Any = None
 
     @property
     def tokenizer(self) -> Any:
         return self.model.tokenizer
 
-    def stats(self, pairs: Sequence[tuple[int, int]] = (), layers: Sequence[int] | None = None, **kwargs: Any):
+    @property
+    def client(self) -> Any:
+        """The Dask client of :attr:`scheduler` (``None``: everything runs in this process).
+
+        See :func:`featmatch._dask.get_client`; a ``"local:N"`` cluster is started once and
+        reused by every call of the session.
+        """
+        if self.scheduler is None:
+            return None
+        from featmatch._dask import get_client
+
+        return get_client(self.scheduler)
+
+    def stats(
+        self, pairs: Sequence[tuple[int, int]] = (), layers: Sequence[int] | None = None, **kwargs: Any
+    ):
         """Streaming activation statistics over :attr:`tokens` (cached on disk).
 
-        See :func:`featmatch.lm.activations.gather`.
+        See :func:`featmatch.lm.activations.gather`. With :attr:`scheduler` set, the pass runs
+        on that Dask cluster, one task per corpus shard (same statistics).
         """
         from featmatch.lm.activations import gather
 
         use = list(layers) if layers is not None else self.layers
-        return gather(self.model, {layer: self.saes[layer] for layer in use}, self.tokens, pairs=list(pairs), **kwargs)
+        kwargs.setdefault("client", self.client)
+        return gather(
+            self.model, {layer: self.saes[layer] for layer in use}, self.tokens, pairs=list(pairs), **kwargs
+        )
 
 
 def load_setup(
@@ -110,6 +130,7 @@ def load_setup(
     source: str = "mixed",
     seed: int = 0,
     profile: str | None = None,
+    scheduler: Any = None,
 ) -> Setup:
     """Load the model, the SAEs of ``sae_set`` at ``layers`` and held-out tokens.
 
@@ -127,6 +148,9 @@ def load_setup(
         ``split="eval"``). Hub models get the same text through their own tokenizer.
     profile : str, optional
         Zoo profile; default :func:`default_profile`.
+    scheduler : dask.distributed.Client or str, optional
+        Where the heavy passes run: ``None`` (this process), ``"local:N"`` or a scheduler
+        address (:attr:`Setup.client`; needs ``pip install 'featmatch[distributed]'``).
     """
     from featmatch.lm.corpus import token_batches
     from featmatch.lm.models import load_model
@@ -143,11 +167,15 @@ def load_setup(
     use_layers = list(layers) if layers is not None else list(spec.layers)
     missing = sorted(set(use_layers) - set(spec.layers))
     if missing:
-        raise ValueError(f"SAE set {set_name!r} has no SAEs for layers {missing}; it covers {list(spec.layers)}")
+        raise ValueError(
+            f"SAE set {set_name!r} has no SAEs for layers {missing}; it covers {list(spec.layers)}"
+        )
     hooked = load_model(model)
     saes = {layer: load_layer_sae(set_name, layer) for layer in use_layers}
-    tokens = token_batches(hooked.tokenizer, n_tokens=n_tokens, seq_len=seq_len, source=source, split="eval", seed=seed)
-    return Setup(model, set_name, use_layers, hooked, saes, tokens, profile=profile)
+    tokens = token_batches(
+        hooked.tokenizer, n_tokens=n_tokens, seq_len=seq_len, source=source, split="eval", seed=seed
+    )
+    return Setup(model, set_name, use_layers, hooked, saes, tokens, profile=profile, scheduler=scheduler)
 
 
 def save_figure(fig: Any, out_dir: str | os.PathLike | None, name: str) -> Path | None:

@@ -868,16 +868,29 @@ def gather(
     cache: bool = True,
     progress: bool = True,
     fast_encode: bool = True,
+    client: Any = None,
+    n_shards: int | None = None,
+    retries: int | None = None,
 ) -> ActivationStats:
     """Gather SAE activation statistics for many layers in one streaming pass.
 
+    With ``client``, the pass runs on a Dask cluster as one task per corpus shard (a
+    contiguous block of sequences, cut at multiples of ``batch_size``); the workers load
+    the model and the SAEs from their sources (:mod:`featmatch._dask`) and the shards'
+    accumulators merge into the result of one pass (:func:`_merge_partials`): counts,
+    top-k and sample membership exactly, float sums up to float64 reassociation.
+
     Parameters
     ----------
-    model : transformer_lens.HookedTransformer
-        The model; its forward is stopped after the deepest block an SAE reads.
+    model : transformer_lens.HookedTransformer or str
+        The model; its forward is stopped after the deepest block an SAE reads. A string is
+        a registry name for :func:`featmatch.lm.models.load_model` (loaded on the workers
+        only, with ``client``).
     saes : dict[int, sae_lens.SAE]
         SAE per layer. Each reads ``sae.cfg.metadata.hook_name`` (default
-        ``blocks.{layer}.hook_resid_post``).
+        ``blocks.{layer}.hook_resid_post``). With ``client``, an SAE loaded by
+        :func:`featmatch.saes.load_sae` is reloaded on the workers from its source; any
+        other is pickled and scattered to them once.
     tokens : torch.LongTensor, shape (n_seq, seq_len)
         Column 0 is BOS and is excluded from every statistic.
     pairs : sequence of (int, int)
@@ -908,6 +921,16 @@ def gather(
         Use a fused ``addmm`` + threshold for plain JumpReLU / ReLU SAEs (identical
         results to ``sae.encode``; see ``_fast_encoder``). False always calls
         ``sae.encode``.
+    client : dask.distributed.Client or str, optional
+        Run the pass on a Dask cluster (a ``Client``, ``"local:N"`` or a scheduler
+        address). ``None`` (default) runs it here.
+    n_shards : int, optional
+        With ``client``: number of corpus shards (tasks); default two per worker thread,
+        at most one per batch.
+    retries : int, optional
+        With ``client``: retries of a shard that raised (default
+        :data:`featmatch._dask.RETRIES`). The result (and the cache file) is written only
+        after every shard has succeeded.
 
     Returns
     -------
@@ -924,6 +947,95 @@ def gather(
     tokens = _check_tokens(tokens)
     if top_k < 0 or n_samples < 0 or batch_size < 1:
         raise ValueError("top_k and n_samples must be >= 0 and batch_size >= 1")
+    if client is not None:
+        return _gather_distributed(
+            model,
+            saes,
+            tokens,
+            client=client,
+            n_shards=n_shards,
+            retries=retries,
+            pairs=pairs,
+            evaluate=evaluate,
+            top_k=top_k,
+            n_samples=n_samples,
+            seed=seed,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
+            fast_encode=fast_encode,
+        )
+    if isinstance(model, str):
+        from featmatch.lm.models import load_model
+
+        model = load_model(model)
+    plan = _plan(
+        model,
+        saes,
+        tokens,
+        pairs=pairs,
+        evaluate=evaluate,
+        top_k=top_k,
+        n_samples=n_samples,
+        seed=seed,
+        cache=cache,
+    )
+    layers, hook_names, widths, edges = plan.layers, plan.hook_names, plan.widths, plan.edges
+    saes = {int(k): v for k, v in saes.items()}
+    if cache:
+        hit = _cached(plan.key)
+        if hit is not None:
+            return hit
+
+    part = _run(
+        model,
+        saes,
+        tokens,
+        layers=layers,
+        hook_names=hook_names,
+        pairs=plan.pairs,
+        edges=edges,
+        top_k=top_k,
+        n_samples=n_samples,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        fast_encode=fast_encode,
+    )
+    stats = _finish(part, tokens, layers=layers, hook_names=hook_names, widths=widths, edges=edges)
+    return _complete(stats, plan, cache=cache)
+
+
+@dataclass
+class _Plan:
+    """What a :func:`gather` call computes, checked against the model and the SAEs."""
+
+    layers: list[int]
+    hook_names: dict[int, str]
+    pairs: list[tuple[int, int]]
+    widths: dict[int, int]
+    edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+    model_name: str
+    top_k: int
+    n_samples: int
+    seed: int
+    key: str | None = None
+    provenance: dict[str, Any] | None = None
+
+
+def _plan(
+    model: Any,
+    saes: dict[int, Any],
+    tokens: torch.Tensor,
+    *,
+    pairs: Sequence[tuple[int, int]],
+    evaluate: Sequence[tuple[int, int, Any]],
+    top_k: int,
+    n_samples: int,
+    seed: int,
+    cache: bool,
+) -> _Plan:
+    """Check a gather call (hooks, widths, pairs, matchings) and compute its cache key."""
     layers = sorted(int(k) for k in saes)
     saes = {int(k): v for k, v in saes.items()}
     hook_names = {L: resolve_hook_name(saes[L], L) for L in layers}
@@ -939,52 +1051,188 @@ def gather(
             and d_in != d_model
         ):
             raise ValueError(f"the SAE for layer {L} has d_in={d_in}, but the model's d_model is {d_model}")
-
-    key = path = prov = None
+    plan = _Plan(
+        layers,
+        hook_names,
+        pair_list,
+        widths,
+        edges,
+        str(getattr(model.cfg, "model_name", "")),
+        int(top_k),
+        int(n_samples),
+        int(seed),
+    )
     if cache:
-        key, prov = cache_key(
+        plan.key, plan.provenance = cache_key(
             model, saes, tokens, pairs=pair_list, top_k=top_k, n_samples=n_samples, seed=seed, edges=edges
         )
-        path = cache_path(key)
-        if path.exists():
-            try:
-                stats = ActivationStats.load(path)
-                if stats.meta.get("cache_key") == key:
-                    return stats
-                warnings.warn(f"activation cache {path} holds another key; recomputing", stacklevel=2)
-            except ActivationStatsError as exc:
-                warnings.warn(f"activation cache {path} is unreadable ({exc}); recomputing", stacklevel=2)
+    return plan
 
-    stats = _run(
-        model,
-        saes,
-        tokens,
-        layers=layers,
-        hook_names=hook_names,
-        pairs=pair_list,
-        edges=edges,
-        top_k=top_k,
-        n_samples=n_samples,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        fast_encode=fast_encode,
-    )
+
+def _cached(key: str | None) -> ActivationStats | None:
+    """The cached statistics of ``key``, or None (a corrupt or foreign file is recomputed)."""
+    if key is None:
+        return None
+    path = cache_path(key)
+    if not path.exists():
+        return None
+    try:
+        stats = ActivationStats.load(path)
+        if stats.meta.get("cache_key") == key:
+            return stats
+        warnings.warn(f"activation cache {path} holds another key; recomputing", stacklevel=3)
+    except ActivationStatsError as exc:
+        warnings.warn(f"activation cache {path} is unreadable ({exc}); recomputing", stacklevel=3)
+    return None
+
+
+def _complete(stats: ActivationStats, plan: _Plan, *, cache: bool) -> ActivationStats:
+    """Describe the run in ``meta`` and write the cache file (atomically)."""
     stats.meta.update(
         {
-            "model_name": str(getattr(model.cfg, "model_name", "")),
-            "top_k": top_k,
-            "n_samples": n_samples,
-            "seed": seed,
+            "model_name": plan.model_name,
+            "top_k": plan.top_k,
+            "n_samples": plan.n_samples,
+            "seed": plan.seed,
             "sampling": "bottom-k over a seeded uniform permutation of global positions (coordinated)",
             "bos_excluded": True,
         }
     )
-    if cache:
-        stats.meta["cache_key"] = key
-        stats.meta["provenance"] = prov
-        stats.save(path)
+    if cache and plan.key is not None:
+        stats.meta["cache_key"] = plan.key
+        stats.meta["provenance"] = plan.provenance
+        stats.save(cache_path(plan.key))
     return stats
+
+
+# --------------------------------------------------------------------------------------
+# gather on a Dask cluster
+# --------------------------------------------------------------------------------------
+
+
+def _plan_task(
+    model_item: Any, sae_items: dict[int, Any], tokens: torch.Tensor, kwargs: dict[str, Any]
+) -> _Plan:
+    """Dask task: the plan, computed where the model and the SAEs are loaded."""
+    from featmatch._dask import worker_object
+
+    model = worker_object(model_item)
+    dev = str(_model_device(model))
+    saes = {L: worker_object(s, dev) for L, s in sae_items.items()}
+    return _plan(model, saes, tokens, **kwargs)
+
+
+def _shard_task(
+    model_item: Any,
+    sae_items: dict[int, Any],
+    tokens: torch.Tensor,
+    plan: _Plan,
+    seq_range: tuple[int, int],
+    settings: dict[str, Any],
+) -> _Partial:
+    """Dask task: the accumulators of one corpus shard (sequences ``seq_range``)."""
+    from featmatch._dask import worker_object
+
+    model = worker_object(model_item)
+    dev = str(_model_device(model))
+    saes = {L: worker_object(s, dev) for L, s in sae_items.items()}
+    return _run(
+        model,
+        saes,
+        tokens,
+        layers=plan.layers,
+        hook_names=plan.hook_names,
+        pairs=plan.pairs,
+        edges=plan.edges,
+        top_k=plan.top_k,
+        n_samples=plan.n_samples,
+        seed=plan.seed,
+        progress=False,
+        seq_range=seq_range,
+        **settings,
+    )
+
+
+def shard_ranges(n_seq: int, n_shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """``n_shards`` contiguous sequence ranges, cut at multiples of ``batch_size``.
+
+    Cutting at batch boundaries keeps every forward batch what one pass would run, so a
+    shard's per-batch sums are the one pass's.
+
+    Examples
+    --------
+    >>> shard_ranges(10, 3, 2)
+    [(0, 4), (4, 6), (6, 10)]
+    """
+    n_batches = -(-n_seq // batch_size)
+    n = max(1, min(int(n_shards), n_batches))
+    cuts = [round(i * n_batches / n) * batch_size for i in range(n + 1)]
+    cuts[-1] = n_seq
+    return [(a, min(b, n_seq)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if a < b]
+
+
+def _gather_distributed(
+    model: Any,
+    saes: dict[int, Any],
+    tokens: torch.Tensor,
+    *,
+    client: Any,
+    n_shards: int | None,
+    retries: int | None,
+    pairs: Sequence[tuple[int, int]],
+    evaluate: Sequence[tuple[int, int, Any]],
+    top_k: int,
+    n_samples: int,
+    seed: int,
+    batch_size: int,
+    cache: bool,
+    progress: bool,
+    fast_encode: bool,
+) -> ActivationStats:
+    from featmatch._dask import RETRIES, get_client, run_tasks, to_workers, total_threads
+
+    c = get_client(client)
+    retries = RETRIES if retries is None else int(retries)
+    layers = sorted(int(k) for k in saes)
+    from featmatch.lm.models import load_model
+
+    (model_item,) = to_workers(c, [model], load=load_model)
+    sae_items = dict(zip(layers, to_workers(c, [saes[L] for L in layers]), strict=True))
+    (tok,) = c.scatter([tokens], broadcast=True, hash=False)
+    evaluate = list(evaluate)  # matchings are small: (F,) permutations, top-k ids
+    kwargs = dict(
+        pairs=list(pairs), evaluate=evaluate, top_k=top_k, n_samples=n_samples, seed=seed, cache=cache
+    )
+    (plan,) = run_tasks(
+        c,
+        _plan_task,
+        [(model_item, sae_items, tok, kwargs)],
+        desc="gather plan",
+        progress=False,
+        retries=retries,
+    )
+    if cache:
+        hit = _cached(plan.key)
+        if hit is not None:
+            return hit
+    n_seq = int(tokens.shape[0])
+    ranges = shard_ranges(n_seq, n_shards or 2 * total_threads(c), batch_size)
+    settings = dict(batch_size=batch_size, fast_encode=fast_encode)
+    parts = run_tasks(
+        c,
+        _shard_task,
+        [(model_item, sae_items, tok, plan, r, settings) for r in ranges],
+        desc="gather shards",
+        progress=progress,
+        retries=retries,
+    )
+    n_total = int(tokens.shape[0] * tokens.shape[1])
+    merged = _merge_partials(parts, n_total=n_total, seed=seed, top_k=top_k, n_samples=n_samples)
+    stats = _finish(
+        merged, tokens, layers=plan.layers, hook_names=plan.hook_names, widths=plan.widths, edges=plan.edges
+    )
+    stats.meta["shards"] = [list(r) for r in ranges]
+    return _complete(stats, plan, cache=cache)
 
 
 def _check_tokens(tokens: Any) -> torch.Tensor:
@@ -1016,15 +1264,23 @@ def _run(
     batch_size: int,
     progress: bool,
     fast_encode: bool,
-) -> ActivationStats:
+    seq_range: tuple[int, int] | None = None,
+) -> _Partial:
+    """Accumulate the statistics of the sequences ``seq_range`` (all by default) of ``tokens``.
+
+    Positions are global (``seq * seq_len + pos`` over the whole ``tokens``) and the sampling
+    priorities are the whole run's, so the partial results of disjoint ranges merge exactly
+    into the result of one pass (:func:`_merge_partials`).
+    """
     from tqdm.auto import tqdm
 
     n_seq, seq_len = tokens.shape
     n_total = n_seq * seq_len
-    prio_bits = max(1, math.ceil(math.log2(n_total + 1)))
-    priority = np.random.default_rng(seed).permutation(n_total).astype(np.int64)
+    prio_bits = _prio_bits(n_total)
+    priority = _priority(n_total, seed)
     stop = _stop_layer(model, hook_names.values())
-    device = getattr(model.cfg, "device", None) or "cpu"
+    device = _model_device(model)
+    first, last = (0, n_seq) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
 
     widths = {L: int(saes[L].cfg.d_sae) for L in layers}
     acc = {L: _LayerAccumulator(widths[L], top_k, n_samples, prio_bits) for L in layers}
@@ -1124,7 +1380,7 @@ def _run(
     fwd_hooks = [(hook_names[L], make_hook(L)) for L in layers]
     seq_pos = torch.arange(1, seq_len)
     bar = tqdm(
-        total=n_seq * (seq_len - 1),
+        total=(last - first) * (seq_len - 1),
         unit="tok",
         unit_scale=True,
         desc="gather activations",
@@ -1132,8 +1388,8 @@ def _run(
     )
     try:
         with torch.no_grad():
-            for start in range(0, n_seq, batch_size):
-                batch = tokens[start : start + batch_size]
+            for start in range(first, last, batch_size):
+                batch = tokens[start : min(start + batch_size, last)]
                 seqs = torch.arange(start, start + batch.shape[0])
                 gpos = (seqs[:, None] * seq_len + seq_pos[None, :]).reshape(-1).numpy()
                 batch_state.update(gpos=gpos, prio=priority[gpos], done=set(), done_e=set())
@@ -1150,23 +1406,147 @@ def _run(
 
     for L in layers:
         acc[L].finish()
-    n_tokens = n_seq * (seq_len - 1)
+    return _Partial(
+        seq_range=(first, last),
+        stop_at_layer=stop,
+        fire_count={L: acc[L].fire_count for L in layers},
+        act_sum={L: acc[L].act_sum for L in layers},
+        act_sq_sum={L: acc[L].act_sq_sum for L in layers},
+        norm_sum={L: acc[L].norm_sum for L in layers},
+        top={L: (acc[L].top.pos, acc[L].top.val) for L in layers},
+        samples={L: (acc[L].res.pos, acc[L].res.val) for L in layers},
+        coact=coact,
+        prod_sum=prod,
+        e_coact=e_coact,
+        e_prod=e_prod,
+    )
+
+
+def _prio_bits(n_total: int) -> int:
+    return max(1, math.ceil(math.log2(n_total + 1)))
+
+
+def _priority(n_total: int, seed: int) -> np.ndarray:
+    """The sampling priority of every global position: a seeded uniform permutation."""
+    return np.random.default_rng(seed).permutation(n_total).astype(np.int64)
+
+
+def _model_device(model: Any) -> Any:
+    return getattr(model.cfg, "device", None) or next(iter(model.parameters())).device
+
+
+@dataclass
+class _Partial:
+    """The accumulators of one pass over a range of sequences (see :func:`_merge_partials`)."""
+
+    seq_range: tuple[int, int]
+    stop_at_layer: int | None
+    fire_count: dict[int, np.ndarray]
+    act_sum: dict[int, np.ndarray]
+    act_sq_sum: dict[int, np.ndarray]
+    norm_sum: dict[int, float]
+    top: dict[int, tuple[np.ndarray, np.ndarray]]
+    samples: dict[int, tuple[np.ndarray, np.ndarray]]
+    coact: dict[tuple[int, int], np.ndarray]
+    prod_sum: dict[tuple[int, int], np.ndarray]
+    e_coact: dict[tuple[int, int], np.ndarray]
+    e_prod: dict[tuple[int, int], np.ndarray]
+
+
+def _merge_best(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, score: Callable[..., np.ndarray], bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` per feature of several :class:`_BestK` results, exactly.
+
+    ``parts`` come in increasing position order (shard order); each holds a feature's
+    entries in rank order, ties in position order. They are offered to a fresh
+    :class:`_BestK` in that order, whose stable merge keeps the earlier entry on a tied
+    score: the same tie rule as one pass.
+    """
+    pos0, val0 = parts[0]
+    best = _BestK(pos0.shape[0], k, bits, value_dtype=val0.dtype)
+    for pos, val in parts:
+        feat, rank = np.nonzero(pos >= 0)  # row-major: by feature, then rank
+        p, v = pos[feat, rank], val[feat, rank]
+        best.update(feat, score(p, v), p, v)
+    best.finish()
+    return best.pos, best.val
+
+
+def _merge_partials(
+    parts: Sequence[_Partial], *, n_total: int, seed: int, top_k: int, n_samples: int
+) -> _Partial:
+    """Merge the partial results of disjoint sequence ranges into the result of one pass.
+
+    * counts (firing, co-activation) are integer sums: exact;
+    * the float64 sums (activations, squares, products, residual norms) are the same
+      per-batch terms added in another order: equal up to float64 rounding of the
+      reassociated sum (relative error below ``n_batches * 2**-52``);
+    * the top-k activations and the uniform samples are the best ``k`` of each part by an
+      integer score that does not depend on the part (the value's IEEE bits; the position's
+      global priority, a seeded permutation), so the best ``k`` of the union is exact:
+      the samples are the bottom-``n_samples`` of one uniform random permutation of all
+      positions, i.e. a uniform sample without replacement, as in one pass.
+    """
+    parts = sorted(parts, key=lambda p: p.seq_range[0])
+    first = parts[0]
+    layers = list(first.fire_count)
+    priority = _priority(n_total, seed)
+    bits = _prio_bits(n_total)
+
+    def add(name: str) -> dict[Any, np.ndarray]:
+        keys = getattr(first, name).keys()
+        return {key: np.sum([getattr(p, name)[key] for p in parts], axis=0) for key in keys}
+
+    return _Partial(
+        seq_range=(first.seq_range[0], parts[-1].seq_range[1]),
+        stop_at_layer=first.stop_at_layer,
+        fire_count=add("fire_count"),
+        act_sum=add("act_sum"),
+        act_sq_sum=add("act_sq_sum"),
+        norm_sum={L: float(sum(p.norm_sum[L] for p in parts)) for L in layers},
+        top={
+            L: _merge_best([p.top[L] for p in parts], top_k, lambda _p, v: _value_score(v), 31)
+            for L in layers
+        },
+        samples={
+            L: _merge_best([p.samples[L] for p in parts], n_samples, lambda q, _v: priority[q], bits)
+            for L in layers
+        },
+        coact=add("coact"),
+        prod_sum=add("prod_sum"),
+        e_coact=add("e_coact"),
+        e_prod=add("e_prod"),
+    )
+
+
+def _finish(
+    part: _Partial,
+    tokens: torch.Tensor,
+    *,
+    layers: list[int],
+    hook_names: dict[int, str],
+    widths: dict[int, int],
+    edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+) -> ActivationStats:
+    """The :class:`ActivationStats` of a whole-run partial."""
+    n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1))
     stats = ActivationStats(
         layers=layers,
         n_tokens=n_tokens,
         hook_names=hook_names,
-        fire_count={L: acc[L].fire_count for L in layers},
-        act_sum={L: acc[L].act_sum for L in layers},
-        act_sq_sum={L: acc[L].act_sq_sum for L in layers},
-        resid_norm_mean={L: acc[L].norm_sum / n_tokens for L in layers},
-        coact=coact,
-        prod_sum=prod,
-        top_values={L: acc[L].top.val for L in layers},
-        top_positions={L: acc[L].top.pos for L in layers},
-        samples={L: (acc[L].res.pos, acc[L].res.val) for L in layers},
+        fire_count=part.fire_count,
+        act_sum=part.act_sum,
+        act_sq_sum=part.act_sq_sum,
+        resid_norm_mean={L: part.norm_sum[L] / n_tokens for L in layers},
+        coact=part.coact,
+        prod_sum=part.prod_sum,
+        top_values={L: part.top[L][1] for L in layers},
+        top_positions={L: part.top[L][0] for L in layers},
+        samples=part.samples,
         tokens=tokens,
-        meta={"stop_at_layer": stop, "widths": {str(L): widths[L] for L in layers}},
-        pair_edges={p: (edges[p][0], edges[p][1], e_coact[p], e_prod[p]) for p in edges},
+        meta={"stop_at_layer": part.stop_at_layer, "widths": {str(L): widths[L] for L in layers}},
+        pair_edges={p: (edges[p][0], edges[p][1], part.e_coact[p], part.e_prod[p]) for p in edges},
     )
     for L in layers:
         if not (np.isfinite(stats.act_sum[L]).all() and np.isfinite(stats.act_sq_sum[L]).all()):

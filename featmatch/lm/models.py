@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from featmatch._dask import Source
 from featmatch._io import atomic_save, atomic_write_bytes, atomic_write_json, cache_dir, sha256_file
 from featmatch._progress import quiet_progress_bars
 
@@ -696,6 +697,7 @@ def load_model(
         else:
             model = _load_hub_model(spec, device, dtype)
     _check_arch(model, spec)
+    model.featmatch_source = Source(load_model, spec.name)  # a Dask worker reloads it from this (featmatch._dask)
     return model
 
 

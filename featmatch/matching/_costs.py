@@ -311,7 +311,10 @@ def interruptible_lsa(
     here at once; the worker is then killed (it ignores SIGINT itself) and reaped before
     the exception propagates, so nothing keeps running. A worker process, not a thread:
     an abandoned thread would keep a core busy until the solve ends (in a notebook kernel,
-    for minutes). Where ``fork`` is unavailable the solve runs inline.
+    for minutes). Where ``fork`` is unavailable the solve runs inline, and so it does off
+    the main thread (SIGINT only ever reaches the main thread, so there is nothing to
+    wait for) and in a daemonic process, which may not have children: a Dask worker runs
+    its tasks in both (a cancelled task is dropped by Dask, see :mod:`featmatch._dask`).
 
     Parameters
     ----------
@@ -337,11 +340,18 @@ def interruptible_lsa(
         If the worker died without an answer (e.g. killed by the OOM killer).
     """
     import multiprocessing as mp
+    import threading
 
     from scipy.optimize import linear_sum_assignment
 
     limit = WORKER_MIN_ENTRIES if worker_min_entries is None else int(worker_min_entries)
-    if cost.size < limit or "fork" not in mp.get_all_start_methods():
+    inline = (
+        cost.size < limit
+        or "fork" not in mp.get_all_start_methods()
+        or threading.current_thread() is not threading.main_thread()
+        or mp.current_process().daemon
+    )
+    if inline:
         return linear_sum_assignment(cost)
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)

@@ -18,9 +18,11 @@ __all__ = ["match_stack"]
 
 
 def match_stack(
-    saes: Iterable[SAE | SAEWeights],
+    saes: Iterable[SAE | SAEWeights | str],
     *,
     progress: bool = True,
+    client: Any = None,
+    retries: int | None = None,
     **match_kwargs: Any,
 ) -> list[Matching]:
     """Match every adjacent pair of a stack of SAEs: layer t to layer t+1, for all t.
@@ -31,12 +33,28 @@ def match_stack(
     of pair t. The stack is consumed lazily: an iterator or generator works, and only two
     SAEs are held at a time (so a 26-layer 16k stack does not need 26 SAEs in memory).
 
+    With ``client``, the pairs run as Dask tasks, one per pair (:mod:`featmatch._dask`).
+    Each task loads its two SAEs on the worker, from their source (a folder,
+    ``release:sae_id``, a zoo release; SAEs loaded by :func:`featmatch.saes.load_sae`
+    carry theirs), and runs this function on the pair with the same options, so the
+    permutations are identical to the local run's; only ``meta["seconds"]`` differs. An
+    SAE without a source is scattered to the workers once. The sparse solver runs on the
+    worker's device (CUDA when the worker has a GPU) unless ``device`` is given.
+
     Parameters
     ----------
-    saes : iterable of sae_lens.SAE or SAEWeights
-        At least two SAEs on hidden states of the same width, in layer order.
+    saes : iterable of sae_lens.SAE, SAEWeights or str
+        At least two SAEs on hidden states of the same width, in layer order. A string is
+        loaded with :func:`featmatch.saes.load_sae` (on the workers, with ``client``).
     progress : bool
         Show a tqdm progress bar over the pairs.
+    client : dask.distributed.Client or str, optional
+        Run on a Dask cluster: a ``Client``, ``"local:N"`` or a scheduler address
+        (:func:`featmatch._dask.get_client`). ``None`` (default) runs here.
+    retries : int, optional
+        With ``client``: retries of a pair that raised (default
+        :data:`featmatch._dask.RETRIES`); a pair lost with its worker is recomputed anyway.
+        No result is returned unless every pair succeeded.
     **match_kwargs
         As :func:`featmatch.matching.match`: ``on``, ``metric``, ``fold``,
         ``include_b_enc``, ``solver`` ("auto"/"dense"/"sparse"), ``unmatched_above`` (with
@@ -87,8 +105,29 @@ def match_stack(
         k=k,
         max_rounds=max_rounds,
     )
+    if client is not None:
+        return _match_stack_distributed(
+            list(saes),
+            client,
+            progress=progress,
+            retries=retries,
+            opts=dict(
+                on=on,
+                metric=metric,
+                fold=fold,
+                include_b_enc=include_b_enc,
+                solver=solver,
+                unmatched_above=unmatched_above,
+                unmatched_quantile=unmatched_quantile,
+                unmatched_mode=unmatched_mode,
+                block_size=block_size,
+                k=k,
+                device=device,
+                max_rounds=max_rounds,
+            ),
+        )
     total = len(saes) - 1 if hasattr(saes, "__len__") else None  # type: ignore[arg-type]
-    it = iter(saes)
+    it = iter(_loaded(s) for s in saes)
     try:
         w_prev = weights(next(it))
     except StopIteration:
@@ -164,3 +203,41 @@ def match_stack(
     if not out:
         raise ValueError("match_stack needs at least two SAEs, got 1")
     return out
+
+
+def _loaded(sae: SAE | SAEWeights | str) -> SAE | SAEWeights:
+    """A string is a source for :func:`featmatch.saes.load_sae`; anything else is the SAE."""
+    if isinstance(sae, str):
+        from featmatch.saes._sae import load_sae
+
+        return load_sae(sae)
+    return sae
+
+
+def _pair_task(item_a: Any, item_b: Any, opts: dict[str, Any]) -> Matching:
+    """One Dask task: match one layer pair on the worker, exactly as the local loop does."""
+    from featmatch._dask import worker_object
+
+    sae_a, sae_b = worker_object(item_a, "cpu"), worker_object(item_b, "cpu")  # weights() reads CPU tensors
+    return match_stack([sae_a, sae_b], progress=False, **opts)[0]
+
+
+def _match_stack_distributed(
+    saes: list[Any], client: Any, *, progress: bool, retries: int | None, opts: dict[str, Any]
+) -> list[Matching]:
+    from featmatch._dask import RETRIES, get_client, run_tasks, to_workers
+    from featmatch.saes._sae import load_sae
+
+    if len(saes) < 2:
+        raise ValueError(f"match_stack needs at least two SAEs, got {len(saes)}")
+    c = get_client(client)
+    items = to_workers(c, saes, load=load_sae)
+    args = [(items[t], items[t + 1], opts) for t in range(len(items) - 1)]
+    return run_tasks(
+        c,
+        _pair_task,
+        args,
+        desc="match_stack",
+        progress=progress,
+        retries=RETRIES if retries is None else retries,
+    )

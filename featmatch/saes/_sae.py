@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from featmatch._dask import Source
 from featmatch._io import check_finite
 
 if TYPE_CHECKING:
@@ -396,6 +397,9 @@ def load_sae(source: str | os.PathLike, sae_id: str | None = None, device: str =
     Returns
     -------
     sae_lens.SAE
+        With ``featmatch_source`` set to a :class:`featmatch._dask.Source` of the canonical
+        source (an absolute folder path or ``release:sae_id``): the distributed engine
+        reloads the SAE on a worker from it instead of sending its weights.
 
     Raises
     ------
@@ -407,20 +411,28 @@ def load_sae(source: str | os.PathLike, sae_id: str | None = None, device: str =
     HubUnreachableError
         When the hub cannot be reached (e.g. ``HF_HUB_OFFLINE=1``) and the files are not cached.
     """
+    sae, where = _load(source, sae_id, device)
+    sae.featmatch_source = Source(load_sae, where)  # a Dask worker reloads it from this (featmatch._dask)
+    return sae
+
+
+def _load(source: str | os.PathLike, sae_id: str | None, device: str) -> tuple[SAE, str]:
+    """The SAE and the canonical source string it was loaded from."""
     if isinstance(source, os.PathLike):
         if sae_id is not None:
             raise ValueError("sae_id is only meaningful with a release name, not with a folder path")
-        return _from_disk(Path(source), device)
+        return _from_disk(Path(source), device), str(Path(source).expanduser().resolve())
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"SAE source must be a non-empty string or path, got {source!r}")
     source = source.strip()
     if sae_id is None:
-        if Path(source).expanduser().is_dir():
-            return _from_disk(Path(source).expanduser(), device)
+        folder = Path(source).expanduser()
+        if folder.is_dir():
+            return _from_disk(folder, device), str(folder.resolve())
         if ":" in source and not _looks_like_path(source.split(":", 1)[0]):
             release, sae_id = source.split(":", 1)
-        elif _looks_like_path(source) or Path(source).expanduser().exists():
-            return _from_disk(Path(source).expanduser(), device)
+        elif _looks_like_path(source) or folder.exists():
+            return _from_disk(folder, device), str(folder.resolve())
         else:
             raise ValueError(
                 f"unknown SAE source {source!r}: expected an existing SAE folder, 'release:sae_id' "
@@ -433,8 +445,8 @@ def load_sae(source: str | os.PathLike, sae_id: str | None = None, device: str =
     if not release or not sae_id:
         raise ValueError(f"SAE source {source!r} must be 'release:sae_id' with both parts non-empty")
     if release.startswith(ZOO_PREFIX):
-        return _from_zoo(release, sae_id, device)
-    return _from_pretrained(release, sae_id, device)
+        return _from_zoo(release, sae_id, device), f"{release}:{sae_id}"
+    return _from_pretrained(release, sae_id, device), f"{release}:{sae_id}"
 
 
 # --------------------------------------------------------------------------------------

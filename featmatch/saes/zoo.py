@@ -477,12 +477,23 @@ def load_zoo_sae(profile: str | ZooProfile, layer: int, variant: str = "main", d
     Returns
     -------
     sae_lens.SAE
+        With ``featmatch_source`` (``release:sae_id``), from which a Dask worker reloads it.
     """
-    from sae_lens import SAE
-
     prof = get_profile(profile)
     _check_variant(variant)
-    return SAE.load_from_disk(sae_path(prof.release_of(variant), sae_id(prof, layer)), device=device)
+    return _load_release_sae(f"{prof.release_of(variant)}:{sae_id(prof, layer)}", device=device)
+
+
+def _load_release_sae(source: str, device: str = "cpu"):
+    """Load the zoo SAE ``release:sae_id`` and record that source on it (:mod:`featmatch._dask`)."""
+    from sae_lens import SAE
+
+    from featmatch._dask import Source
+
+    release, sid = source.split(":", 1)
+    sae = SAE.load_from_disk(sae_path(release, sid), device=device)
+    sae.featmatch_source = Source(_load_release_sae, source)
+    return sae
 
 
 def quality_table(profile: str | ZooProfile):

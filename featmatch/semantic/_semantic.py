@@ -1117,6 +1117,8 @@ def nearest(
     seed: int = 0,
     block: int = 1024,
     progress: bool = False,
+    client: Any = None,
+    retries: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""The ``k`` nearest features of ``b`` to every feature of ``a`` by exact :math:`W_p`.
 
@@ -1164,9 +1166,18 @@ def nearest(
     n_projections, n_quantiles, seed : int
         The sliced embedding of stage 1.
     block : int
-        Queries reranked per step.
+        Queries reranked per step; with ``client``, the queries of one Dask task.
     progress : bool
-        Progress bar over the queries.
+        Progress bar over the queries (over the tasks, with ``client``).
+    client : dask.distributed.Client or str, optional
+        Run on a Dask cluster (a ``Client``, ``"local:N"`` or a scheduler address), one
+        task per block of ``block`` query features. ``a`` and ``b`` are scattered to the
+        workers once. Every stage treats each query on its own (the sliced directions
+        come from ``seed``), so the blocks' results are the rows of the one-process
+        result, exactly.
+    retries : int, optional
+        With ``client``: retries of a block that raised (default
+        :data:`featmatch._dask.RETRIES`).
 
     Returns
     -------
@@ -1192,11 +1203,23 @@ def nearest(
     FA, FB = len(a), len(b)
     idx = np.full((FA, k), -1, dtype=np.int64)
     dist = np.full((FA, k), np.inf)
+    if embed not in ("sliced", "moment", "both"):
+        raise ValueError(f"embed must be 'sliced', 'moment' or 'both', got {embed!r}")
     if FA == 0 or FB == 0:
         return idx, dist
     c = min(max(c_req, k), FB)
-    if embed not in ("sliced", "moment", "both"):
-        raise ValueError(f"embed must be 'sliced', 'moment' or 'both', got {embed!r}")
+    if client is not None:
+        opts = dict(
+            candidates=candidates,
+            certify=certify,
+            embed=embed,
+            p=p,
+            n_projections=n_projections,
+            n_quantiles=n_quantiles,
+            seed=seed,
+            block=block,
+        )
+        return _nearest_distributed(a, b, k, opts, client=client, progress=progress, retries=retries)
     if c < FB:
         c_sl = c if embed == "sliced" else (0 if embed == "moment" else (c + 1) // 2)
         if c_sl:
@@ -1263,6 +1286,40 @@ def nearest(
                 dist[i, :kk] = d[order]
             bar.update(len(rows))
     return idx, dist
+
+
+def _nearest_block(
+    a: FeatureDistributions, b: FeatureDistributions, rows: np.ndarray, k: int, opts: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dask task: :func:`nearest` for the query rows ``rows`` of ``a``."""
+    return nearest(a.subset(rows), b, k, **opts)
+
+
+def _nearest_distributed(
+    a: FeatureDistributions,
+    b: FeatureDistributions,
+    k: int,
+    opts: dict[str, Any],
+    *,
+    client: Any,
+    progress: bool,
+    retries: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    from featmatch._dask import RETRIES, get_client, run_tasks
+
+    c = get_client(client)
+    fa, fb = c.scatter([a, b], broadcast=True, hash=False)
+    step = max(1, int(opts["block"]))
+    blocks = [np.arange(s, min(len(a), s + step)) for s in range(0, len(a), step)]
+    parts = run_tasks(
+        c,
+        _nearest_block,
+        [(fa, fb, rows, k, opts) for rows in blocks],
+        desc=f"nearest W{opts['p']}",
+        progress=progress,
+        retries=RETRIES if retries is None else retries,
+    )
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def semantic_match(

@@ -445,7 +445,14 @@ def test_load_circuit_setup_defers_to_load_setup(monkeypatch, tmp_cache):
     # tmp_cache: an empty featmatch cache, so no zoo layer is built
     assert R.load_circuit_setup(layers=[3, 5], n_tokens=256, seq_len=8, profile="tiny") == "from load_setup"
     assert calls[-1] == dict(
-        model="smollm2-135m", sae_set=None, layers=[3, 5], n_tokens=256, seq_len=8, seed=0, profile="tiny"
+        model="smollm2-135m",
+        sae_set=None,
+        layers=[3, 5],
+        n_tokens=256,
+        seq_len=8,
+        seed=0,
+        scheduler=None,
+        profile="tiny",
     )
     assert R.load_circuit_setup(layers=None, profile="tiny") == "from load_setup"
     assert R.load_circuit_setup(sae_set="gpt2-small-res-jb", layers=[1], profile="tiny") == "from load_setup"

@@ -116,3 +116,17 @@ def test_bad_arguments():
         nearest(a, b, p=3)
     with pytest.raises(ValueError, match="embed must be"):
         nearest(a, b, candidates=1, embed="pca")
+
+
+@pytest.mark.parametrize(
+    "opts", [{"candidates": 4, "embed": "both"}, {"candidates": 2, "certify": True}], ids=["both", "certified"]
+)
+def test_blocks_on_a_cluster_are_the_rows_of_one_process(dask_client, clustered, opts):
+    """One task per block of 7 queries (5 blocks); identical indices and distances; exact against POT."""
+    a, b, D = clustered
+    local = nearest(a, b, k=3, **opts)
+    dist = nearest(a, b, k=3, block=7, client=dask_client, **opts)
+    np.testing.assert_array_equal(local[0], dist[0])
+    np.testing.assert_array_equal(local[1], dist[1])
+    if opts.get("certify"):
+        np.testing.assert_allclose(dist[1], np.sort(D, 1)[:, :3], rtol=1e-9, atol=1e-9)
