@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["RESID_POST", "hook_name", "block_index", "shift_block"]
+__all__ = ["RESID_POST", "hook_name", "block_index", "shift_block", "model_device"]
 
 #: The residual stream after block ``layer``: the default hook of an SAE without metadata.
 RESID_POST = "blocks.{layer}.hook_resid_post"
@@ -101,3 +101,16 @@ def shift_block(hook: str, by: int = 1) -> str:
     if m is None:
         raise ValueError(f"cannot find a block index in hook name {hook!r}")
     return hook[: m.start(1)] + str(int(m.group(1)) + by) + hook[m.end(1) :]
+
+
+def model_device(model: Any) -> Any:
+    """Where a model's forward runs: ``model.cfg.device``, else the device of its parameters.
+
+    Never a fixed ``cpu``: on a GPU worker (:mod:`featmatch._dask`) it is the worker's GPU.
+    """
+    dev = getattr(getattr(model, "cfg", None), "device", None)
+    if dev is not None:
+        return dev
+    import torch
+
+    return next(iter(model.parameters()), torch.empty(0)).device

@@ -761,8 +761,8 @@ def plot_faithfulness_budget(
     faithfulness, ci_low, ci_high, linear``). Solid lines with bands: real mean-ablation F;
     dotted lines: the linear (attribution-patching) estimate of the same node sets. The
     target is a horizontal line, the chosen circuit ``(ranking, n)`` a ringed point. Log-2 x
-    axis, linear y axis from min(0, data) to max(1, data), clipped to [-0.5, 1.5] (F can be
-    negative or above 1).
+    axis, linear y axis from min(0, data) to max(1, data) under the book's one outlier rule
+    (:func:`robust_limits`; values beyond it are counted in a note; F can be negative or above 1).
     """
     styles = [("-", "o"), ("--", "s"), ("-.", "^")]
     for i, (name, df) in enumerate(table.groupby("ranking", sort=False)):
@@ -779,10 +779,13 @@ def plot_faithfulness_budget(
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set_xscale("log", base=2)
     vals = np.r_[table[["faithfulness", "ci_low", "ci_high"]].to_numpy(float).ravel(), table.get("linear", pd.Series(dtype=float)).to_numpy(float)]
-    vals = vals[np.isfinite(vals)]
-    lo = max(-0.5, min(0.0, float(vals.min()) if vals.size else 0.0))
-    hi = min(1.5, max(1.0, float(vals.max()) if vals.size else 1.0))
-    ax.set_ylim(lo - 0.05, hi + 0.05)
+    # the book's one outlier rule (robust_limits: Tukey's far-out fences, annotated), widened to
+    # keep the reference levels 0 and 1 in view; no value is clipped without a note
+    lim = robust_limits(vals)
+    lo, hi = min(0.0, lim.lo) - 0.05, max(1.0, lim.hi) + 0.05
+    ax.set_ylim(lo, hi)
+    v = vals[np.isfinite(vals)]
+    annotate_outside(ax, RobustLimits(lo, hi, int((v < lo).sum()), int((v > hi).sum()), lim.vmin, lim.vmax, lim.n), "y")
     ax.set_xlabel("nodes kept (features and error nodes)")
     ax.set_ylabel("faithfulness F on held-out prompts")
     legend_outside(ax)

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from featmatch._hooks import model_device
 from featmatch._io import tokens_sha256
 from featmatch.chapters.claims import Claim, bootstrap_ci, make_claim, null_distribution
 from featmatch.evaluation.metrics import activation_correlation, matching_score
@@ -319,7 +320,7 @@ def reference_spaces(
     def grab(act: torch.Tensor, hook: Any) -> None:
         chunks[hook.name].append(act.detach().float().cpu())
 
-    device = getattr(model.cfg, "device", None) or "cpu"
+    device = model_device(model)
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)

@@ -80,7 +80,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from featmatch._hooks import block_index
+from featmatch._hooks import block_index, model_device
 from featmatch._hooks import hook_name as resolve_hook_name
 from featmatch._io import atomic_save, cache_dir, tokens_sha256
 from featmatch._threads import fitted_threads
@@ -1117,7 +1117,7 @@ def _plan_task(
     from featmatch._dask import worker_object
 
     model = worker_object(model_item)
-    dev = str(_model_device(model))
+    dev = str(model_device(model))
     saes = {L: worker_object(s, dev) for L, s in sae_items.items()}
     return _plan(model, saes, tokens, **kwargs)
 
@@ -1134,7 +1134,7 @@ def _shard_task(
     from featmatch._dask import worker_object
 
     model = worker_object(model_item)
-    dev = str(_model_device(model))
+    dev = str(model_device(model))
     saes = {L: worker_object(s, dev) for L, s in sae_items.items()}
     return _run(
         model,
@@ -1279,7 +1279,7 @@ def _run(
     prio_bits = _prio_bits(n_total)
     priority = _priority(n_total, seed)
     stop = _stop_layer(model, hook_names.values())
-    device = _model_device(model)
+    device = model_device(model)
     first, last = (0, n_seq) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
 
     widths = {L: int(saes[L].cfg.d_sae) for L in layers}
@@ -1429,10 +1429,6 @@ def _prio_bits(n_total: int) -> int:
 def _priority(n_total: int, seed: int) -> np.ndarray:
     """The sampling priority of every global position: a seeded uniform permutation."""
     return np.random.default_rng(seed).permutation(n_total).astype(np.int64)
-
-
-def _model_device(model: Any) -> Any:
-    return getattr(model.cfg, "device", None) or next(iter(model.parameters())).device
 
 
 @dataclass
@@ -1602,7 +1598,7 @@ def sparse_activations(
 
         return hook
 
-    device = getattr(model.cfg, "device", None) or "cpu"
+    device = model_device(model)
     fwd_hooks = [(hook_names[L], make_hook(L)) for L in layers]
     with torch.no_grad():
         for start in range(0, tokens.shape[0], batch_size):

@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from featmatch._hooks import model_device
 from featmatch._io import atomic_save, check_finite, tokens_sha256
 from featmatch.semantic import _ot
 
@@ -401,7 +402,7 @@ def reference_coordinates(
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         raise ValueError("tokens must be a (n_seq, seq_len) LongTensor")
     hook, stop = _resolve_space(model, space)
-    device = getattr(model.cfg, "device", None) or "cpu"
+    device = model_device(model)
     chunks: list[torch.Tensor] = []
 
     def _grab(act: torch.Tensor, hook: Any) -> None:
