@@ -17,6 +17,7 @@ Run::
     python benchmarks/bench_nearest.py --real --queries 512
     python benchmarks/bench_nearest.py --p6 --features 16384 --queries 512
     python benchmarks/bench_nearest.py --quick      # both, small
+    python benchmarks/bench_nearest.py --decide --client local:2   # recall@1 on every feature, exact CI
 """
 
 from __future__ import annotations
@@ -112,6 +113,82 @@ def real_part(args: argparse.Namespace) -> None:
     print("TABLE_END")
 
 
+def _quick_zoo_distributions(layers: list[int]) -> dict:
+    """Chapter 04's feature distributions of the quick zoo at ``layers`` (train split, layer:mid, PCA 64)."""
+    from featmatch.chapters import semantic_ot as R
+    from featmatch.chapters.setup import load_setup
+    from featmatch.lm.activations import gather
+    from featmatch.lm.corpus import token_batches
+
+    setup = load_setup(
+        "smollm2-135m", "featmatch-smollm2-quick", layers=layers, n_tokens=16384, seed=0, profile="quick"
+    )
+    tokens_fit = token_batches(
+        setup.tokenizer, n_tokens=16384, seq_len=int(setup.tokens.shape[1]), split="train", seed=0
+    )
+    stats = gather(setup.model, setup.saes, tokens_fit, n_samples=32, seed=0, progress=False)
+    n_layers = int(setup.model.cfg.n_layers)
+    spec = dict(list(R.comparison_spaces("layer:mid", 64, n_layers).items())[:1])
+    ref = next(iter(R.reference_spaces(setup.model, tokens_fit, spec).values()))
+    return R.feature_distributions(stats, ref, tuple(layers), n=32, seed=0)
+
+
+def decide_part(args: argparse.Namespace) -> None:
+    """recall@1 of the uncertified search on every feature of several layer pairs, with an exact CI.
+
+    The truth is the certified search (``certify=True``: exact by construction, and equal to
+    brute-force ``ot.emd2`` in tests/semantic/test_nearest.py), so every feature of A can be a
+    query. The interval is Clopper–Pearson's exact binomial 95 % interval over queries.
+    """
+    from scipy.stats import binomtest
+
+    pairs = [tuple(args.pairs[i : i + 2]) for i in range(0, len(args.pairs), 2)]
+    layers = sorted({L for p in pairs for L in p})
+    d = _quick_zoo_distributions(layers)
+    client = args.client
+    hits: dict[int, list[np.ndarray]] = {c: [] for c in args.sweep}
+    secs: dict[int, float] = dict.fromkeys(args.sweep, 0.0)
+    t_cert, n_q = 0.0, 0
+    for la, lb in pairs:
+        a, b = d[la], d[lb]
+        q = (
+            np.arange(len(a))
+            if args.queries <= 0
+            else np.sort(
+                np.random.default_rng(0).choice(len(a), size=min(args.queries, len(a)), replace=False)
+            )
+        )
+        aq = a.subset(q)
+        t0 = time.perf_counter()
+        _, ex_d = nearest(aq, b, k=10, candidates=10, certify=True, client=client, block=64)
+        t_cert += time.perf_counter() - t0
+        n_q += len(q)
+        for c in args.sweep:
+            t0 = time.perf_counter()
+            _, dist = nearest(aq, b, k=10, candidates=c, client=client, block=64)
+            secs[c] += time.perf_counter() - t0
+            hits[c].append(np.isclose(dist[:, 0], ex_d[:, 0], rtol=1e-9, atol=1e-12))
+    print("TABLE_BEGIN")
+    where = f"on a Dask cluster ({client})" if client else "in one process"
+    print(
+        f"recall@1 of `nearest` (moment-bound candidates, exact rerank) on {n_q} query features of the quick "
+        f"zoo, layer pairs {', '.join(f'{a}→{b}' for a, b in pairs)} (every feature of A; chapter 04's "
+        f"distributions: train split, layer:mid, PCA 64, ≤32 samples), against the certified exact search "
+        f"({t_cert:.0f} s), {where}. CI: Clopper–Pearson exact 95 %.\n"
+    )
+    print("| candidates c | hits / queries | recall@1 | 95 % CI | seconds | decides recall@1 ≥ 0.99? |")
+    print("|---|---|---|---|---|---|")
+    for c in args.sweep:
+        h = np.concatenate(hits[c])
+        k, n = int(h.sum()), int(h.size)
+        ci = binomtest(k, n).proportion_ci(method="exact")
+        verdict = "yes, held" if ci.low >= 0.99 else ("yes, failed" if ci.high < 0.99 else "no")
+        print(
+            f"| {c} | {k} / {n} | {k / n:.4f} | [{ci.low:.4f}, {ci.high:.4f}] | {secs[c]:.0f} | {verdict} |"
+        )
+    print("TABLE_END")
+
+
 def p6_part(args: argparse.Namespace) -> None:
     from bench_semantic import synthetic_layers
 
@@ -157,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-exact", action="store_true")
     p.add_argument("--embed", default="moment", choices=["moment", "sliced", "both"], help="candidate source")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decide", action="store_true", help="recall@1 on every feature of --pairs, exact CI")
+    p.add_argument("--pairs", type=int, nargs="*", default=[14, 15, 14, 29])
+    p.add_argument("--client", default=None, help="Dask scheduler for the searches (local:N or an address)")
     args = p.parse_args(argv)
     import torch
 
@@ -164,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.queries, args.features, args.sweep = 64, 1024, [16, 64]
+    if args.decide:
+        if args.sweep == [10, 16, 32, 64, 128]:
+            args.sweep = [192, 384]
+        if args.queries == 512:
+            args.queries = 0  # every feature
+        decide_part(args)
+        return
     if not (args.real or args.p6):
         args.real = args.p6 = True
     if args.real:

@@ -105,9 +105,13 @@ class Setup:
         return get_client(self.scheduler)
 
     def stats(
-        self, pairs: Sequence[tuple[int, int]] = (), layers: Sequence[int] | None = None, **kwargs: Any
+        self,
+        pairs: Sequence[tuple[int, int]] = (),
+        layers: Sequence[int] | None = None,
+        tokens: Any = None,
+        **kwargs: Any,
     ):
-        """Streaming activation statistics over :attr:`tokens` (cached on disk).
+        """Streaming activation statistics over :attr:`tokens`, or over ``tokens`` (cached on disk).
 
         See :func:`featmatch.lm.activations.gather`. With :attr:`scheduler` set, the pass runs
         on that Dask cluster, one task per corpus shard (same statistics).
@@ -116,9 +120,8 @@ class Setup:
 
         use = list(layers) if layers is not None else self.layers
         kwargs.setdefault("client", self.client)
-        return gather(
-            self.model, {layer: self.saes[layer] for layer in use}, self.tokens, pairs=list(pairs), **kwargs
-        )
+        toks = self.tokens if tokens is None else tokens
+        return gather(self.model, {layer: self.saes[layer] for layer in use}, toks, pairs=list(pairs), **kwargs)
 
 
 def load_setup(

@@ -54,6 +54,7 @@ from ._faithful import (
     linear_node_scores,
     position_means,
     ratio_ci,
+    ratio_diff_ci,
     smallest_faithful,
     split_prompts,
 )
@@ -69,6 +70,7 @@ from ._grouping import (
 from ._supernodes import (
     CompressionScores,
     Supernodes,
+    WithinLayerAdditivity,
     all_nodes,
     compare_methods,
     compression_scores,
@@ -80,6 +82,7 @@ from ._supernodes import (
     node_distance,
     sae_match_distance,
     supernodes,
+    within_layer_additivity,
 )
 from ._tasks import (
     ADDITION_FORMATS,
@@ -120,6 +123,9 @@ __all__ = [
     "CompressionScores",
     "compare_methods",
     "judge_agreement",
+    "WithinLayerAdditivity",
+    "within_layer_additivity",
+    "ratio_diff_ci",
     "REQUIRED_FIELDS",
     "graph_to_json",
     "export_graph_json",

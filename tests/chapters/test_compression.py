@@ -674,3 +674,31 @@ def test_plot_faithfulness_budget_draws_lines_bands_and_a_linear_y_axis():
     assert "chosen circuit" in labels and "target F = 0.8" in labels
     assert len(ax.collections) == 2  # one CI band per ranking
     plt.close(fig)
+
+
+def test_unit_claims_decide_planted_additivity_and_judge_effects():
+    """Planted: Semantic OT's within-layer error 0.1, decoder cosine's 0.5, SAE Match's equal; judge
+    labels of Semantic OT pairs near 3 against chance near 1."""
+    rng = np.random.default_rng(0)
+    den = rng.uniform(1, 2, 32)
+    add = C.WithinLayerAdditivity(
+        num={"semantic_ot": 0.1 * den, "decoder_cosine": 0.5 * den, "sae_match": 0.1 * den, "layer": 0 * den},
+        den={"semantic_ot": den, "decoder_cosine": den, "sae_match": den, "layer": 0 * den},
+        groups={"semantic_ot": 5, "decoder_cosine": 5, "sae_match": 5, "layer": 0},
+        members={"semantic_ot": 12, "decoder_cosine": 12, "sae_match": 12, "layer": 0},
+    )
+    tab = R.additivity_table(add)
+    assert tab.loc["Semantic OT", "additivity error"] == pytest.approx(0.1)
+    judged = {
+        "semantic_ot": pd.DataFrame({"supernode": np.arange(30) // 3, "a": "x", "b": "y", "label": rng.choice([2, 3], 30)}),
+        "chance": pd.DataFrame({"supernode": 0, "a": "x", "b": "y", "label": rng.choice([1, 1, 2], 40)}),
+    }
+    jt = R.judge_table(judged)
+    assert jt.loc["random pairs (chance)", "pairs judged"] == 40
+    claims = {c.claim: c for c in R.unit_claims(add, judged, baselines=("decoder_cosine", "sae_match", "layer"))}
+    verdicts = {k.split(" than ")[-1].split(" supernodes")[0]: c.verdict for k, c in claims.items() if "additive" in k}
+    assert verdicts["Feature Flow (decoder cosine)"] == "held"
+    assert verdicts["SAE Match"] == "failed"  # equal errors, a tight CI: not more additive
+    assert verdicts["layer adjacency"] == "not testable"  # no within-layer group: precondition fails
+    judge_claim = next(c for k, c in claims.items() if "judge" in k)
+    assert judge_claim.verdict == "held" and judge_claim.chance < 1.5

@@ -416,3 +416,46 @@ def test_plot_compressed_graph(setup):
     assert out is ax
     assert len(ax.patches) == sn.n_supernodes + 1  # boxes + metric node
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- within-layer additivity
+def test_within_layer_additivity_is_zero_where_the_model_is_linear(setup):
+    """Planted truth: with no LayerNorm and the blocks after layer 0 zeroed, the logit difference is
+    affine in layer 0's residual, and a mean-ablated feature moves it by a fixed vector: the joint
+    effect of any set of layer-0 features is the sum of their single effects (E = 0)."""
+    torch.manual_seed(0)
+    model = _linear_model(identity_after=0)
+    saes = _saes(layers=(0,))
+    task = _correct_task(model)
+    g = C.attribution_graph(model, saes, task, node_budget=24)
+    means = C.ablation_means(model, saes, task)
+    groupings = {
+        "cos": C.supernodes(g, C.decoder_cosine_distance(g, saes), n_clusters=4, name="cos"),
+        "one": C.supernodes(g, C.layer_distance(g), n_clusters=1, name="one"),
+    }
+    add = C.within_layer_additivity(model, saes, g, groupings, task, means)
+    n_feat = len(g.feature_nodes())
+    assert add.members["one"] == n_feat and add.groups["one"] == 1  # one group: every feature
+    for k in groupings:
+        assert add.den[k].sum() > 0
+        assert add.num[k].sum() / add.den[k].sum() < 1e-5  # float32 forwards: exact up to rounding
+
+    # the non-linear tiny model (LayerNorm, three SAE layers re-encoding downstream) is not additive
+    model, saes, task, g = setup
+    means = C.ablation_means(model, saes, task)
+    one = C.supernodes(g, C.layer_distance(g), n_clusters=3, name="layer")
+    add = C.within_layer_additivity(model, saes, g, {"layer": one}, task, means)
+    e, lo, hi = C.ratio_ci(add.num["layer"], add.den["layer"])
+    assert e > 1e-3 and lo <= e <= hi
+
+
+def test_ratio_diff_ci_is_paired_and_exact_on_planted_ratios():
+    rng = np.random.default_rng(0)
+    den_a, den_b = rng.uniform(1, 2, 40), rng.uniform(1, 2, 40)
+    d, lo, hi = C.ratio_diff_ci(0.5 * den_a, den_a, 0.2 * den_b, den_b)
+    assert d == pytest.approx(0.3) and lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+    num = rng.normal(1, 0.3, 40)
+    d, lo, hi = C.ratio_diff_ci(num, den_a, num, den_a)
+    assert d == 0 and lo == pytest.approx(0) and hi == pytest.approx(0)  # same prompts resampled jointly
+    with pytest.raises(ValueError, match="one value per unit"):
+        C.ratio_diff_ci(num, den_a[:3], num, den_a)
