@@ -85,6 +85,7 @@ from featmatch.lm.corpus import token_batches
 from featmatch.saes import sae_set
 
 pd.set_option("display.precision", 3)
+pd.set_option("display.float_format", "{:.4g}".format)  # no scientific notation for a whole column
 pd.set_option("display.max_colwidth", 200)
 T0 = time.perf_counter()
 

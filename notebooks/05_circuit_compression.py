@@ -76,6 +76,7 @@ from featmatch.semantic import reference_coordinates
 
 warnings.filterwarnings("ignore", category=UserWarning)
 pd.set_option("display.precision", 3)
+pd.set_option("display.float_format", "{:.4g}".format)  # no scientific notation for a whole column
 pd.set_option("display.width", 160)
 if N_THREADS:
     torch.set_num_threads(int(N_THREADS))
