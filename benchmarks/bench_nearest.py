@@ -37,7 +37,7 @@ except ImportError:  # running from a source checkout without installation
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from featmatch.semantic import FeatureDistributions, nearest, pair_distances  # noqa: E402
+from featmatch.semantic import DEFAULT_CANDIDATES, FeatureDistributions, nearest, pair_distances  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -216,7 +216,7 @@ def p6_part(args: argparse.Namespace) -> None:
     print("TABLE_BEGIN")
     print(
         f"P6: {F:,} × {F:,} synthetic features (≤48 support points, k = 64), top-10 of every feature, "
-        f"c = {args.candidates} candidates. Peak RSS before the search {rss0:.2f} GB (data).\n"
+        f"c = {args.candidates or DEFAULT_CANDIDATES} candidates. Peak RSS before the search {rss0:.2f} GB (data).\n"
     )
     print("| quantity | value | target |")
     print("|---|---|---|")

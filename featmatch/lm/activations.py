@@ -1218,10 +1218,11 @@ def _gather_distributed(
     n_seq = int(tokens.shape[0])
     ranges = shard_ranges(n_seq, n_shards or 2 * total_threads(c), batch_size)
     settings = dict(batch_size=batch_size, fast_encode=fast_encode)
+    (plan_f,) = c.scatter([plan], broadcast=True, hash=False)  # its edge lists once per worker, not per task
     parts = run_tasks(
         c,
         _shard_task,
-        [(model_item, sae_items, tok, plan, r, settings) for r in ranges],
+        [(model_item, sae_items, tok, plan_f, r, settings) for r in ranges],
         desc="gather shards",
         progress=progress,
         retries=retries,
