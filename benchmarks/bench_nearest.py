@@ -62,23 +62,8 @@ def recall(idx: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, float]:
 
 
 def real_part(args: argparse.Namespace) -> None:
-    from featmatch.chapters import semantic_ot as R
-    from featmatch.chapters.setup import load_setup
-    from featmatch.lm.activations import gather
-    from featmatch.lm.corpus import token_batches
-
     la, lb = args.pair
-    setup = load_setup(
-        "smollm2-135m", "featmatch-smollm2-quick", layers=[la, lb], n_tokens=16384, seed=0, profile="quick"
-    )
-    tokens_fit = token_batches(
-        setup.tokenizer, n_tokens=16384, seq_len=int(setup.tokens.shape[1]), split="train", seed=0
-    )
-    stats = gather(setup.model, setup.saes, tokens_fit, n_samples=32, seed=0, progress=False)
-    n_layers = int(setup.model.cfg.n_layers)
-    spec = dict(list(R.comparison_spaces("layer:mid", 64, n_layers).items())[:1])
-    ref = next(iter(R.reference_spaces(setup.model, tokens_fit, spec).values()))
-    d = R.feature_distributions(stats, ref, (la, lb), n=32, seed=0)
+    d = _quick_zoo_distributions([la, lb])
     a, b = d[la], d[lb]
     rng = np.random.default_rng(0)
     q = np.sort(rng.choice(len(a), size=min(args.queries, len(a)), replace=False))

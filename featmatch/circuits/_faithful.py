@@ -176,30 +176,7 @@ def ratio_ci(
     Units (prompts) are resampled jointly (SciPy's :func:`scipy.stats.bootstrap`, ``paired``);
     NaNs when fewer than two units or a zero denominator.
     """
-    num, den = np.asarray(num, float).ravel(), np.asarray(den, float).ravel()
-    if num.shape != den.shape:
-        raise ValueError("num and den need one value per unit")
-    est = float(num.sum() / den.sum()) if den.sum() != 0 else np.nan
-    if num.size < 2 or not np.isfinite(est):
-        return est, np.nan, np.nan
-
-    def stat(a, b, axis=-1):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.sum(a, axis=axis) / np.sum(b, axis=axis)
-
-    if np.ptp(num) == 0 and np.ptp(den) == 0:
-        return est, est, est
-    res = stats.bootstrap(
-        (num, den),
-        stat,
-        paired=True,
-        vectorized=True,
-        confidence_level=level,
-        n_resamples=n_resamples,
-        method="percentile",
-        random_state=np.random.default_rng(seed),
-    )
-    return est, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return _ratios_ci([(num, den)], [1.0], level, n_resamples, seed)
 
 
 def ratio_diff_ci(
@@ -216,24 +193,36 @@ def ratio_diff_ci(
     The four arrays hold one value per unit (prompt), resampled jointly, as in
     :func:`ratio_ci`: the two ratios are measured on the same prompts.
     """
-    arrs = [np.asarray(x, float).ravel() for x in (num_a, den_a, num_b, den_b)]
+    return _ratios_ci([(num_a, den_a), (num_b, den_b)], [1.0, -1.0], level, n_resamples, seed)
+
+
+def _ratios_ci(
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+    weights: list[float],
+    level: float,
+    n_resamples: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """``Σ_k w_k sum(num_k)/sum(den_k)`` with a percentile bootstrap over units resampled jointly."""
+    arrs = [np.asarray(x, float).ravel() for pair in pairs for x in pair]
     if len({a.shape for a in arrs}) != 1:
-        raise ValueError("the four arrays need one value per unit")
-    na, da, nb, db = arrs
-    if da.sum() == 0 or db.sum() == 0:
-        return np.nan, np.nan, np.nan
-    est = float(na.sum() / da.sum() - nb.sum() / db.sum())
-    if na.size < 2:
+        raise ValueError("num and den need one value per unit")
+
+    def stat(*xs, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return sum(
+                w * np.sum(xs[2 * k], axis=axis) / np.sum(xs[2 * k + 1], axis=axis)
+                for k, w in enumerate(weights)
+            )
+
+    dens = arrs[1::2]
+    est = float(stat(*arrs)) if all(d.sum() != 0 for d in dens) else np.nan
+    if arrs[0].size < 2 or not np.isfinite(est):
         return est, np.nan, np.nan
     if all(np.ptp(a) == 0 for a in arrs):
         return est, est, est
-
-    def stat(a, b, c, d, axis=-1):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.sum(a, axis=axis) / np.sum(b, axis=axis) - np.sum(c, axis=axis) / np.sum(d, axis=axis)
-
     res = stats.bootstrap(
-        (na, da, nb, db),
+        tuple(arrs),
         stat,
         paired=True,
         vectorized=True,
