@@ -79,6 +79,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,7 @@ import torch
 
 from featmatch._hooks import model_device
 from featmatch._io import atomic_save, check_finite, tokens_sha256
+from featmatch._threads import fitted_thread_count
 from featmatch.semantic import _ot
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1120,6 +1122,7 @@ def nearest(
     progress: bool = False,
     client: Any = None,
     retries: int | None = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""The ``k`` nearest features of ``b`` to every feature of ``a`` by exact :math:`W_p`.
 
@@ -1179,6 +1182,10 @@ def nearest(
     retries : int, optional
         With ``client``: retries of a block that raised (default
         :data:`featmatch._dask.RETRIES`).
+    threads : int, optional
+        Threads for the exact solves of stage 3 (the solver releases the GIL); default: the
+        free CPUs (:func:`featmatch._threads.fitted_thread_count`). On a Dask cluster each
+        task uses one thread: the workers' tasks are the parallelism there.
 
     Returns
     -------
@@ -1256,44 +1263,60 @@ def nearest(
             (_ot.pair_cost(xa, wa, *sup_b[j], p=p) for j in cols), dtype=np.float64, count=len(cols)
         )
 
-    with tqdm(total=FA, desc=f"nearest W{p}", disable=not progress, mininterval=1.0) as bar:
-        for start in range(0, FA, block):
-            rows = np.arange(start, min(FA, start + block))
-            lb = moment_lower_bound(a, b, rows, p=p) if certify and c < FB else None
-            for r, i in enumerate(rows):
-                cols = cand[i] if cand is not None else np.arange(FB)
-                d = solve(int(i), cols)
-                if lb is not None:
-                    done = np.zeros(FB, dtype=bool)
-                    done[cols] = True
-                    kth = np.partition(d, kk - 1)[kk - 1]
-                    rest = np.flatnonzero(~done & (lb[r] < kth))
-                    rest = rest[np.argsort(lb[r, rest], kind="stable")]
-                    extra_c, extra_d = [], []
-                    for s in range(0, len(rest), 32):
-                        chunk = rest[s : s + 32]
-                        chunk = chunk[lb[r, chunk] < kth]
-                        if not len(chunk):
-                            break
-                        dd = solve(int(i), chunk)
-                        extra_c.append(chunk)
-                        extra_d.append(dd)
-                        kth = min(kth, float(np.partition(np.concatenate([d, *extra_d]), kk - 1)[kk - 1]))
-                    if extra_c:
-                        cols = np.concatenate([cols, *extra_c])
-                        d = np.concatenate([d, *extra_d])
-                order = np.lexsort((cols, d))[:kk]  # by distance, ties to the smaller row
-                idx[i, :kk] = cols[order]
-                dist[i, :kk] = d[order]
-            bar.update(len(rows))
+    def rerank(i: int, lb_row: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-``kk`` of query ``i``: its candidates, then (certify) the uncertain rest."""
+        cols = cand[i] if cand is not None else np.arange(FB)
+        d = solve(i, cols)
+        if lb_row is not None:
+            done = np.zeros(FB, dtype=bool)
+            done[cols] = True
+            kth = np.partition(d, kk - 1)[kk - 1]
+            rest = np.flatnonzero(~done & (lb_row < kth))
+            rest = rest[np.argsort(lb_row[rest], kind="stable")]
+            extra_c, extra_d = [], []
+            for s in range(0, len(rest), 32):
+                chunk = rest[s : s + 32]
+                chunk = chunk[lb_row[chunk] < kth]
+                if not len(chunk):
+                    break
+                dd = solve(i, chunk)
+                extra_c.append(chunk)
+                extra_d.append(dd)
+                kth = min(kth, float(np.partition(np.concatenate([d, *extra_d]), kk - 1)[kk - 1]))
+            if extra_c:
+                cols = np.concatenate([cols, *extra_c])
+                d = np.concatenate([d, *extra_d])
+        order = np.lexsort((cols, d))[:kk]  # by distance, ties to the smaller row
+        return cols[order], d[order]
+
+    # The solver releases the GIL (emd2_cost), so queries are reranked on `threads` threads;
+    # each query's result depends on that query alone, so the output is the same for any count.
+    if threads is None:  # measuring the free CPUs takes 0.2 s: not worth it for a small search
+        threads = fitted_thread_count() if FA * c >= 4096 else 1
+    n_threads = max(1, int(threads))
+    pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
+    try:
+        with tqdm(total=FA, desc=f"nearest W{p}", disable=not progress, mininterval=1.0) as bar:
+            for start in range(0, FA, block):
+                rows = np.arange(start, min(FA, start + block))
+                lb = moment_lower_bound(a, b, rows, p=p) if certify and c < FB else None
+                args = [(int(i), None if lb is None else lb[r]) for r, i in enumerate(rows)]
+                results = pool.map(lambda t: rerank(*t), args) if pool else (rerank(*t) for t in args)
+                for i, (cols, d) in zip(rows, results, strict=True):
+                    idx[i, :kk] = cols
+                    dist[i, :kk] = d
+                bar.update(len(rows))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return idx, dist
 
 
 def _nearest_block(
     a: FeatureDistributions, b: FeatureDistributions, rows: np.ndarray, k: int, opts: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dask task: :func:`nearest` for the query rows ``rows`` of ``a``."""
-    return nearest(a.subset(rows), b, k, **opts)
+    """Dask task: :func:`nearest` for the query rows ``rows`` of ``a``, on one thread."""
+    return nearest(a.subset(rows), b, k, **opts, threads=1)
 
 
 def _nearest_distributed(
