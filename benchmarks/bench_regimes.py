@@ -64,7 +64,15 @@ THR_QUANTILE = 0.60
 
 
 def worker(
-    f_a: int, f_b: int, d: int, unp: float, noise: float, seed: int, dense: bool, thr: bool = True
+    f_a: int,
+    f_b: int,
+    d: int,
+    unp: float,
+    noise: float,
+    seed: int,
+    dense: bool,
+    thr: bool = True,
+    unit: bool = False,
 ) -> dict:
     import scipy.optimize  # noqa: F401  (imports outside the timed regions)
     import scipy.sparse.csgraph  # noqa: F401
@@ -73,10 +81,10 @@ def worker(
     from featmatch.matching._lap import threshold_assign, threshold_match
     from featmatch.synthetic import planted_vectors
 
-    a, b, truth = planted_vectors(f_b, d, seed, unmatched=unp, noise=noise)
+    a, b, truth = planted_vectors(f_b, d, seed, unmatched=unp, noise=noise, unit=unit)
     a = a[:f_a].contiguous()
     truth = truth[:f_a]
-    res: dict = {"F_A": f_a, "F_B": f_b, "d": d, "unpartnered": unp, "noise": noise}
+    res: dict = {"F_A": f_a, "F_B": f_b, "d": d, "unpartnered": unp, "noise": noise, "unit": unit}
     # floor
     bs = default_block_size(f_b, f_a)
     bt = b.T.contiguous()
@@ -206,14 +214,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-16k", action="store_true", help="every regime at 16k (dense: hours)")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-thr", action="store_true", help="skip the thresholded problem")
+    p.add_argument(
+        "--unit",
+        action="store_true",
+        help="unit-norm vectors, unscaled partners (issue 18's data) instead of norms log-uniform in [0.5, 2]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", nargs="*")
     args = p.parse_args(argv)
     if args.worker is not None:
-        f_a, f_b, d, unp, noise, seed, dense, thr = args.worker
+        f_a, f_b, d, unp, noise, seed, dense, thr, unit = args.worker
         res = worker(
-            int(f_a), int(f_b), int(d), float(unp), float(noise), int(seed), dense == "1", thr == "1"
+            int(f_a),
+            int(f_b),
+            int(d),
+            float(unp),
+            float(noise),
+            int(seed),
+            dense == "1",
+            thr == "1",
+            unit == "1",
         )
         print("RESULT " + json.dumps(res), flush=True)
         return 0
@@ -226,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# featmatch regime sweep ({'quick' if args.quick else 'full'})",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; metric mse; "
-        f"planted pairs (featmatch.synthetic.planted_vectors, seed {args.seed}); one subprocess per row, "
+        f"planted pairs (featmatch.synthetic.planted_vectors, seed {args.seed}, "
+        f"{'unit-norm vectors' if args.unit else 'norms log-uniform in [0.5, 2]'}); one subprocess per row, "
         "single runs on a shared machine.",
         "",
         "| shape F_A x F_B x d | unpartnered | noise | floor s | sparse s | sparse / floor | dense s | "
@@ -253,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(args.seed),
                         dense,
                         "0" if args.no_thr else "1",
+                        "1" if args.unit else "0",
                     ],
                     args.timeout,
                 )

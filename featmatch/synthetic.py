@@ -387,7 +387,7 @@ def recovery(perm: np.ndarray, truth: np.ndarray) -> float:
 
 
 def planted_vectors(
-    f: int, d: int, seed: int = 0, *, unmatched: float = 0.10, noise: float = 0.30
+    f: int, d: int, seed: int = 0, *, unmatched: float = 0.10, noise: float = 0.30, unit: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """A planted pair of decoder-like feature matrices, with its ground truth.
 
@@ -396,6 +396,13 @@ def planted_vectors(
     [0.8, 1.25] plus Gaussian noise of ``noise`` times its norm, and fresh features of its
     own in the other slots (so ``unmatched`` of each side has no partner). This is the
     benchmark's data (``benchmarks/bench_matching.py``).
+
+    With ``unit=True`` every vector of A and every fresh vector of B has norm 1 and partners
+    are not rescaled: B's partner of ``a`` is ``a`` plus Gaussian noise of norm ``noise``
+    (``noise / sqrt(d)`` per coordinate), the "decoder-like unit vectors" of issue 18. The
+    ``mse`` cost is then 2 - 2 cos, so chance pairs cost about 2 and the cost
+    separates partners from chance; with the norm spread (default) small-norm features are
+    cheap to pair with anything (two norm-0.5 vectors cost about 0.5 whatever their angle).
 
     Parameters
     ----------
@@ -408,6 +415,8 @@ def planted_vectors(
         Share of each side without a partner.
     noise : float
         Noise norm relative to the partner's norm.
+    unit : bool
+        Unit-norm vectors and unscaled partners (see above).
 
     Returns
     -------
@@ -416,18 +425,20 @@ def planted_vectors(
         ``truth[i]`` is A's feature *i*'s partner in B, or -1.
     """
     g = torch.Generator().manual_seed(seed)
+    lo, hi = (0.0, 0.0) if unit else (np.log(0.5), np.log(2.0))  # log-norm range
     a = torch.randn(f, d, generator=g)
     a /= a.norm(dim=1, keepdim=True)
-    a *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
+    a *= torch.exp(torch.empty(f, 1).uniform_(lo, hi, generator=g))
     b = torch.randn(f, d, generator=g)  # starts as fresh features, partners overwritten below
     b /= b.norm(dim=1, keepdim=True)
-    b *= torch.exp(torch.empty(f, 1).uniform_(np.log(0.5), np.log(2.0), generator=g))
+    b *= torch.exp(torch.empty(f, 1).uniform_(lo, hi, generator=g))
     n_pair = int(round((1 - unmatched) * f))
     src = torch.randperm(f, generator=g)[:n_pair]  # A features with a partner
     dst = torch.randperm(f, generator=g)[:n_pair]  # where they land in B
+    s_lo, s_hi = (0.0, 0.0) if unit else (np.log(0.8), np.log(1.25))  # partner rescale range
     for s in range(0, n_pair, 4096):
         i, j = src[s : s + 4096], dst[s : s + 4096]
-        x = a[i] * torch.exp(torch.empty(len(i), 1).uniform_(np.log(0.8), np.log(1.25), generator=g))
+        x = a[i] * torch.exp(torch.empty(len(i), 1).uniform_(s_lo, s_hi, generator=g))
         eps = torch.randn(len(i), d, generator=g)
         eps *= noise * x.norm(dim=1, keepdim=True) / eps.norm(dim=1, keepdim=True)
         b[j] = x + eps

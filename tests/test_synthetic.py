@@ -45,3 +45,13 @@ def test_chains_and_vectors_have_the_documented_shapes():
     x, y = permuted_vectors(30, 4, seed=0, unmatched=0.2)
     assert x.shape == y.shape == (30, 4)
     torch.testing.assert_close(y[:6].norm(dim=1), torch.ones(6))  # the fresh rows are unit vectors
+
+
+def test_unit_planted_vectors_are_unit_with_noise_of_the_given_norm():
+    a, b, truth = planted_vectors(200, 64, seed=3, unmatched=0.4, noise=0.8, unit=True)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(200))
+    fresh = np.setdiff1d(np.arange(200), truth[truth >= 0])
+    torch.testing.assert_close(b[fresh].norm(dim=1), torch.ones(len(fresh)))
+    i = np.flatnonzero(truth >= 0)
+    assert len(i) == 120
+    torch.testing.assert_close((b[truth[i]] - a[i]).norm(dim=1), torch.full((120,), 0.8))
