@@ -62,3 +62,30 @@ def test_nearest_is_the_same_on_any_thread_count():
     two = nearest(a, b, k=5, candidates=12, certify=True, threads=2)
     np.testing.assert_array_equal(one[0], two[0])
     np.testing.assert_array_equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("embed, certify", [("moment", False), ("sliced", False), ("both", True)])
+def test_pruned_rerank_is_the_full_rerank(embed, certify, monkeypatch):
+    """Skipping the candidates the moment bound excludes never changes the top-k (and does skip)."""
+    a, b = clustered_pair(F=60, N=16, k=8, seed=11)
+    calls = {"n": 0}
+    pair_cost = _ot.pair_cost
+
+    def counted(*args, **kw):
+        calls["n"] += 1
+        return pair_cost(*args, **kw)
+
+    monkeypatch.setattr(_ot, "pair_cost", counted)
+    solves = {}
+    for k, c in [(1, 20), (5, 30), (10, 60)]:
+        for prune in (False, True):
+            calls["n"] = 0
+            solves[prune] = (
+                nearest(a, b, k=k, candidates=c, embed=embed, certify=certify, prune=prune, threads=1),
+                calls["n"],
+            )
+        (full, n_full), (fast, n_fast) = solves[False], solves[True]
+        np.testing.assert_array_equal(full[0], fast[0])
+        np.testing.assert_array_equal(full[1], fast[1])
+        assert n_fast <= n_full
+    assert n_fast < n_full  # k=10 of 60 candidates: the bound excludes some on clustered features
