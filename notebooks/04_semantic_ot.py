@@ -23,9 +23,9 @@
 # * Distribution of feature $i$: $\mu_i = \sum_t w_{it}\,\delta_{z_t}$ over a uniform sample
 #   of at most `N_SAMPLES` firing positions, $w_{it} \propto f_i(x_t)$.
 # * Distance: exact $W_2$ with the Euclidean ground cost (`ot.emd2`), found by
-#   `featmatch.semantic.nearest`: `CANDIDATES` candidates per feature from a sliced
-#   embedding, reranked by exact $W_2$. The section on nearest neighbours measures how often
-#   this finds the exact nearest feature.
+#   `featmatch.semantic.nearest`: the `CANDIDATES` features with the smallest lower bound on
+#   $W_2$ from their means and spreads, reranked by exact $W_2$. The section on nearest
+#   neighbours measures how often this finds the exact nearest feature.
 #
 # **No circularity.** The distributions and the co-activation correlations come from the
 # *train* split of the offline corpus; every score is computed on the held-out *eval* split.
@@ -44,7 +44,7 @@ N_SAMPLES = None  # samples per feature distribution; None: profile default
 N_TOKENS = None  # tokens per slice (train slice and eval slice); None: profile default
 METHOD = "exact"  # "exact" (nearest-neighbour search), "sinkhorn" (slow) or "sliced"
 CANDIDATES = (
-    None  # sliced candidates per feature reranked by METHOD; None: featmatch.semantic.DEFAULT_CANDIDATES
+    None  # candidates per feature reranked by METHOD; None: featmatch.semantic.DEFAULT_CANDIDATES
 )
 N_NN = None  # query features for the nearest-neighbour recall; None: profile default
 N_JUDGE = None  # judged features per pair, the same for every method; None: profile default
@@ -147,11 +147,12 @@ dists = R.feature_distributions(stats_fit, ref, layers, n=N_SAMPLES, seed=SEED)
 R.distribution_summary(dists)
 
 # %% [markdown]
-# ## Nearest neighbours: sliced candidates, exact rerank
+# ## Nearest neighbours: moment-bound candidates, exact rerank
 #
 # Matching needs each feature's *nearest* features, not a good ranking of far-apart pairs.
-# `featmatch.semantic.nearest` embeds every distribution (sliced quantile embedding), takes
-# the `c` nearest features in that embedding as candidates, and computes exact $W_2$ on
+# `featmatch.semantic.nearest` bounds $W_2$ from below by the distributions' means and spreads,
+# $W_2(\mu, \nu)^2 \ge \|m_\mu - m_\nu\|^2 + (\sigma_\mu - \sigma_\nu)^2$,
+# takes the `c` features with the smallest bound as candidates, and computes exact $W_2$ on
 # those only. On the mid→last pair, `N_NN` query features of A are scored against the
 # exact top-10 over *all* features of B (found by the certified search, which also solves
 # every feature whose moment lower bound on $W_2$ does not exclude it): recall@1 is the

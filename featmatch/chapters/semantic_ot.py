@@ -147,7 +147,7 @@ RECALL_TOLERANCE: float = 0.01
 #: Headings of the notebook sections that test the claims (the ``section`` column).
 SECTION_SCORES = "Scores on the eval split, with confidence intervals"
 SECTION_JUDGE = "The judge"
-SECTION_NEAREST = "Nearest neighbours: sliced candidates, exact rerank"
+SECTION_NEAREST = "Nearest neighbours: moment-bound candidates, exact rerank"
 SECTION_SPACES = "Which reference space?"
 
 #: Source of the paper's claims.
@@ -423,8 +423,8 @@ def semantic_matchings(
     """Semantic OT (one-to-one assignment) and its top-1 variant from one set of distances.
 
     With ``method="exact"`` and an int ``candidates`` ``c``, the distances are the sparse
-    exact top-``c`` of :func:`featmatch.semantic.nearest` (sliced candidates reranked by
-    ``ot.emd2``), computed once for both forms; otherwise
+    exact top-``c`` of :func:`featmatch.semantic.nearest` (moment-bound candidates reranked
+    by exact :math:`W_2`), computed once for both forms; otherwise
     :func:`featmatch.semantic.distance_matrix` (``c`` sliced candidates or all pairs).
 
     Parameters
@@ -1190,7 +1190,7 @@ def recall_claim(per_query: pd.DataFrame, c: int, n_b: int, *, chapter: str = "0
     floor = RECALL_GOAL - RECALL_TOLERANCE
     return make_claim(
         chapter=chapter,
-        claim=f"Sliced candidates (c = {c}) reranked by exact W2 find the exact nearest feature (recall@1 ≥ {RECALL_GOAL})",
+        claim=f"Moment-bound candidates (c = {c}) reranked by exact W2 find the exact nearest feature (recall@1 ≥ {RECALL_GOAL})",
         source=BOOK_SOURCE,
         paper_value="the paper uses exact or entropic W2 (no nearest-neighbour search)",
         our_value=est,

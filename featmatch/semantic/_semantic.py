@@ -1423,7 +1423,7 @@ def semantic_match(
         A precomputed :func:`distance_matrix` for ``a`` and ``b``.
     candidates : int or (F_A, F_B) bool mask, optional
         With ``method="exact"`` and an int ``c``, the distances come from
-        :func:`nearest` (``c`` sliced candidates per feature reranked by exact
+        :func:`nearest` (``c`` moment-bound candidates per feature reranked by exact
         :math:`W_p`; no ``F_A × F_B`` array is built): ``"topk"`` keeps the ``k`` nearest,
         ``"assignment"`` solves the one-to-one problem on the ``c`` exact candidates of
         each row (dense up to ``4096²`` entries, else scipy's sparse
