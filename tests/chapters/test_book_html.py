@@ -236,3 +236,12 @@ def test_results_page_counts_its_verdicts(root):
     for page, anchor in re.findall(r'href="(notebooks/[^"#]+\.html)#([^"]+)"', text):
         target = parse_page((root / page).read_text(encoding="utf-8"))
         assert anchor in target.ids, f"{path}: link to {page}#{anchor}, no such id"
+
+
+@pytest.mark.parametrize("chapter", [c.stem for c in chapters()])
+def test_each_chapter_page_loads_the_table_stylesheet(root, chapter):
+    """Wide pandas tables fit or scroll (book/_static/featmatch.css); without it they are cut at the edge."""
+    html = (root / "notebooks" / f"{chapter}.html").read_text(encoding="utf-8")
+    assert "_static/featmatch.css" in html, f"{chapter}.html does not load _static/featmatch.css"
+    css = (root / "_static" / "featmatch.css").read_text(encoding="utf-8")
+    assert "overflow-x: auto" in css
