@@ -448,7 +448,18 @@ def test_sigint_during_a_dense_solve_exits_130_at_once_and_leaves_nothing(tmp_pa
     # fills its 64 KiB buffer (progress bars, warnings) would block on a write and never exit
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, start_new_session=True, stderr=err, text=True)
+        # Ctrl-C at a terminal: SIGINT at its default disposition in the CLI. A process started in
+        # the background by a shell without job control (`make test &` in a script, nohup) inherits
+        # SIGINT *ignored*, and Python then never raises KeyboardInterrupt (the test timed out so)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stderr=err,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 300
