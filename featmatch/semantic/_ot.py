@@ -81,13 +81,15 @@ def emd2_cost(wa: np.ndarray, wb: np.ndarray, M: np.ndarray, num_iter_max: int =
     wa = np.asarray(wa, dtype=np.float64)
     wb = np.asarray(wb, dtype=np.float64)
     M = np.ascontiguousarray(M, dtype=np.float64)
-    if _emd_c is None:
-        cost, log = ot.emd2(wa, wb, M, numItermax=num_iter_max, log=True)
-        warning = log.get("warning")
-    else:
-        wb = wb * (wa.sum() / wb.sum())
+    wb = wb * (wa.sum() / wb.sum())  # as ot.emd2 does after checking the masses agree
+    try:
+        if _emd_c is None:
+            raise TypeError("no compiled solver")
         _, cost, _, _, code = _emd_c(wa, wb, M, int(num_iter_max), 1)
         warning = _check_result(code)
+    except TypeError:  # no solver, or a POT whose solver takes other arguments: the public call
+        cost, log = ot.emd2(wa, wb, M, numItermax=num_iter_max, log=True)
+        warning = log.get("warning")
     if warning:
         warnings.warn(f"ot.emd2: {warning}", RuntimeWarning, stacklevel=3)
     return float(cost)
