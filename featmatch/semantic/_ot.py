@@ -70,8 +70,10 @@ def emd2_cost(wa: np.ndarray, wb: np.ndarray, M: np.ndarray, num_iter_max: int =
 
     The value of :func:`ot.emd2` on numpy inputs, from the same compiled solver (POT's
     network simplex, ``ot.lp.emd_wrap.emd_c``) with the same preparation: ``float64``
-    weights, ``b`` rescaled to the mass of ``a``, zero weights dropped by the solver, and a
-    ``RuntimeWarning`` when the solver does not report an optimum. Why not call
+    weights, ``b`` rescaled to the mass of ``a`` (``ot.emd2`` first asserts that the masses
+    agree to 6 decimals; here they are not checked: the callers' weights sum to one), zero
+    weights dropped by the solver, and a ``RuntimeWarning`` when the solver does not report an
+    optimum. Why not call
     :func:`ot.emd2`: on the ``32 × 32`` problems of :func:`featmatch.semantic.nearest` its
     backend dispatch, checks and gradient bookkeeping take about 180 µs around a 70 µs
     solve (measured with POT 0.9.7), and the search makes ``F·c`` solves. The solver also
