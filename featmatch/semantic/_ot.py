@@ -55,7 +55,7 @@ def ground_cost(xa: np.ndarray, xb: np.ndarray, p: int) -> np.ndarray:
     np.maximum(M, 0.0, out=M)
     if p == 1:
         np.sqrt(M, out=M)
-    return np.ascontiguousarray(M)
+    return M  # a fresh C-ordered array (the broadcast sum)
 
 
 try:  # POT's compiled network simplex: the solver inside ot.emd2 (ot/lp/emd_wrap.pyx)

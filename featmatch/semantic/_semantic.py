@@ -1286,7 +1286,7 @@ def nearest(
     def rerank(i: int, lb_row: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The exact top-``kk`` of query ``i``: its candidates, then (certify) the uncertain rest."""
         cols = cand[i] if cand is not None else np.arange(FB)
-        if lb_row is None or not prune:
+        if not (prune and kk < len(cols)) or lb_row is None:  # nothing to skip: solve them all
             d = solve(i, cols)
         else:
             # candidates in increasing bound order, in chunks; once the bound of the next one
@@ -1335,7 +1335,9 @@ def nearest(
         with tqdm(total=FA, desc=f"nearest W{p}", disable=not progress, mininterval=1.0) as bar:
             for start in range(0, FA, block):
                 rows = np.arange(start, min(FA, start + block))
-                lb = moment_lower_bound(a, b, rows, p=p) if prune or (certify and c < FB) else None
+                # the bounds are needed to skip candidates (only when k < c) and to certify
+                need_lb = (prune and kk < c) or (certify and c < FB)
+                lb = moment_lower_bound(a, b, rows, p=p) if need_lb else None
                 args = [(int(i), None if lb is None else lb[r]) for r, i in enumerate(rows)]
                 results = pool.map(lambda t: rerank(*t), args) if pool else (rerank(*t) for t in args)
                 for i, (cols, d) in zip(rows, results, strict=True):
