@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _builders import jumprelu_sae
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
@@ -202,3 +202,150 @@ def test_threshold_components_too_large_to_clip_use_the_sparse_solver(monkeypatc
 
     monkeypatch.setattr(lap.psutil, "virtual_memory", lambda: _NoMemory())
     assert _objective(cost, lap.threshold_assign(cost, lam)[0], lam) == pytest.approx(ref, rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(3, 60),
+    grow=st.integers(1, 8),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(n=300, grow=4, ties=False, seed=0)
+@example(n=300, grow=6, ties=True, seed=1)
+def test_warm_assign_reaches_the_optimum_of_the_grown_core(n, grow, ties, seed):
+    """_warm_assign: a core grown by a few rows and as many columns, solved from the previous
+    round's optimum and potentials by augmenting paths, reaches scipy's optimum of the grown
+    block, and its potentials are feasible and tight (what the Dijkstra duals need)."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    size = n + grow
+    E = rng.integers(0, 4 * size, (size, size)).astype(float) if ties else rng.standard_normal((size, size))
+    R = np.arange(size) * 3 + 1  # global row/column ids, sorted
+    C = np.arange(size) * 2
+    keep_r = np.sort(rng.choice(size, n, replace=False))
+    keep_c = np.sort(rng.choice(size, n, replace=False))
+    E0 = E[np.ix_(keep_r, keep_c)]
+    import lapjv
+
+    row_to_col, _, (_, _, p0) = lapjv.lapjv(E0 - E0.min(axis=1, keepdims=True), force_doubles=True)
+    pc0 = np.asarray(row_to_col, dtype=np.int64)
+    out = lap._warm_assign(E, R, C, (R[keep_r], C[keep_c], pc0, np.asarray(p0, dtype=float)))
+    assert out is not None
+    pc, p = out
+    assert np.array_equal(np.sort(pc), np.arange(size))
+    r, c = linear_sum_assignment(E)
+    assert E[np.arange(size), pc].sum() == pytest.approx(E[r, c].sum(), rel=1e-12, abs=1e-9)
+    u = E[np.arange(size), pc] - p[pc]
+    assert (E - u[:, None] - p[None, :]).min() >= -1e-9
+    # a previous core that is not contained in the new one: the caller solves from scratch
+    assert lap._warm_assign(E[:2, :2], R[:2], C[:2], (R[keep_r], C[keep_c], pc0, p0)) is None
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_grown_square_cores_are_warm_started_and_optimal(keep):
+    """A unit-vector planted pair with 40 % unpartnered features grows its lapjv core over two
+    rounds; the second round is warm-started, with products kept or recomputed, and the
+    result is the dense optimum."""
+    a, b, _ = planted_vectors(2048, 128, 0, unmatched=0.4, noise=0.8, unit=True)
+    perm, cost, info = lap.sparse_match(a, b, return_info=True, keep_products=keep)
+    assert info.products_kept is keep
+    assert info.certified and info.path == "core"
+    assert info.rounds >= 2 and min(info.core_rows) >= lap._LAPJV_MIN, info.core_rows
+    assert info.core_solver in ("lapmod+augment", "lapjv+augment")
+    pd, cd = assign(pairwise_cost(a, b))
+    slack = info.gap_bound + 2.0 * rounding_bound(a, b, "mse").max(1).sum()
+    assert abs(np.nansum(cost) - np.nansum(cd)) <= slack
+
+
+@pytest.mark.parametrize(("n", "m"), [(300, 300), (240, 300), (300, 240)])
+@pytest.mark.parametrize("metric", ["mse", "cosine"])
+def test_kept_products_give_the_same_result(n, m, metric):
+    """keep_products=True gathers every later number from the main pass's products; False
+    recomputes them. Same assignment, both certified; the kept products' costs are the
+    main pass's, so each pair cost is within the rounding bound of pairwise_cost's."""
+    a, b, _ = planted_vectors(max(n, m), 24, 5, unmatched=0.5, noise=0.8)
+    a, b = a[:n].contiguous(), b[:m].contiguous()
+    p1, c1, i1 = lap.sparse_match(a, b, metric=metric, return_info=True, keep_products=True)
+    p2, c2, i2 = lap.sparse_match(a, b, metric=metric, return_info=True, keep_products=False)
+    assert (i1.products_kept, i2.products_kept) == (True, False)
+    assert i1.certified and i2.certified
+    np.testing.assert_array_equal(p1, p2)
+    ok = p1 >= 0
+    full = pairwise_cost(a, b, metric=metric)
+    delta = rounding_bound(a, b, metric)
+    rows = np.flatnonzero(ok)
+    assert (np.abs(c1[ok] - full[rows, p1[ok]]) <= delta[rows, p1[ok]]).all()
+
+
+def test_costs_from_g_numpy_path_equals_torch_arithmetic():
+    """The CPU mse path of _costs_from_g (numpy, in place) gives bit-identical numbers to the
+    torch expression it replaced."""
+    rng = np.random.default_rng(3)
+    g = torch.tensor(rng.standard_normal((37, 41)), dtype=torch.float32)
+    sq_a = torch.tensor(rng.random((37, 1)) * 5)
+    sq_b = torch.tensor(rng.random((1, 41)) * 5)
+    ref = (g.double() * -2.0 + sq_a + sq_b).div_(7).clamp_(min=0.0)
+    got = lap._costs_from_g(g, sq_a, sq_b, "mse", 7)
+    assert torch.equal(got, ref)
+    assert torch.equal(lap._costs_from_g(g.T.contiguous().T, sq_a, sq_b, "mse", 7), ref)  # strided input
+
+
+def _largest_v_reference(E: np.ndarray, pc: np.ndarray) -> np.ndarray:
+    """Largest v <= 0 with v_j <= v_pc(i) + E_ij - E_i,pc(i) on the dense block, by plain sweeps."""
+    e = E[np.arange(E.shape[0]), pc]
+    v = np.zeros(E.shape[1])
+    for _ in range(E.shape[1] + 2):
+        new = np.minimum(v, (E - e[:, None] + v[pc][:, None]).min(0))
+        if np.array_equal(new, v):
+            return v
+        v = new
+    raise AssertionError("no fixpoint")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(40, 400),
+    spread=st.sampled_from([0.0, 0.5, 2.0]),
+    k=st.sampled_from([2, 4, 32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(n=400, spread=0.0, k=32, seed=0)
+@example(n=300, spread=2.0, k=4, seed=1)
+def test_sparse_core_assign_is_optimal_or_declines(n, spread, k, seed):
+    """_sparse_core_assign (LAPMOD on each row's k cheapest entries, label-correcting duals,
+    dense check) either returns scipy's optimum of the whole block with the largest feasible
+    duals, or None; never a wrong answer. Random unit vectors (the cores of pairs with many
+    unpartnered features) are solved; column norms spread by ``spread`` (log scale) are where
+    the rows' cheapest entries can miss the optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    d = 32
+    a = rng.standard_normal((n, d))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b = rng.standard_normal((n, d))
+    b *= np.exp(rng.uniform(-spread, spread, (n, 1))) / np.linalg.norm(b, axis=1, keepdims=True)
+    E = -2.0 * (a @ b.T) / d
+    out = lap._sparse_core_assign(E, eps=1e-15, tau=1e-12, k=k)
+    if spread == 0.0 and k == 32:
+        assert out is not None  # what it is for: random cores are solved from 32 entries per row
+    if out is None:
+        return
+    pc, v = out
+    assert np.array_equal(np.sort(pc), np.arange(n))
+    r, c = linear_sum_assignment(E)
+    assert E[np.arange(n), pc].sum() == pytest.approx(E[r, c].sum(), rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(v, _largest_v_reference(E, pc), rtol=0, atol=1e-12)
+
+
+def test_square_cores_without_lap_use_lapjv(monkeypatch):
+    """Without the ``lap`` package the square core goes to lapjv; same optimum."""
+    a, b, _ = planted_vectors(1024, 64, 0, unmatched=0.5, noise=0.8, unit=True)
+    p1, c1, i1 = lap.sparse_match(a, b, return_info=True)
+    monkeypatch.setitem(__import__("sys").modules, "lap", None)
+    p2, c2, i2 = lap.sparse_match(a, b, return_info=True)
+    assert i1.core_solver.startswith("lapmod") and i2.core_solver.startswith("lapjv")
+    assert i1.certified and i2.certified
+    np.testing.assert_array_equal(p1, p2)
