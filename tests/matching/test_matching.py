@@ -417,12 +417,7 @@ def test_save_load_round_trip_is_one_file(tmp_path):
     path = m.save(tmp_path / "m.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     header = json.loads(path.read_text())
-    assert (header["format"], header["version"], header["n_a"], header["n_b"]) == (
-        "featmatch.matching",
-        2,
-        12,
-        9,
-    )
+    assert (header["format"], header["version"], header["n_a"], header["n_b"]) == ("featmatch.matching", 2, 12, 9)
     assert list(header)[0] == "format" and Matching.arrays_file(path) is None
     back = Matching.load(path)
     np.testing.assert_array_equal(back.perm, m.perm)
@@ -568,10 +563,7 @@ def test_corrupt_files_raise_errors_naming_the_file(tmp_path, damage):
         import hashlib
 
         cut = base64.b64decode(header["arrays_npz_base64"])[:60]
-        header["arrays_npz_base64"], header["arrays_sha256"] = (
-            base64.b64encode(cut).decode(),
-            hashlib.sha256(cut).hexdigest(),
-        )
+        header["arrays_npz_base64"], header["arrays_sha256"] = base64.b64encode(cut).decode(), hashlib.sha256(cut).hexdigest()
         path.write_text(json.dumps(header))
     elif damage == "bad_shape":  # consistent checksum, but shapes disagree with the metadata
         header["n_a"] = 13
@@ -581,11 +573,7 @@ def test_corrupt_files_raise_errors_naming_the_file(tmp_path, damage):
         named = npz.name
     elif damage == "v1_swap_npz":  # the array file of another run under the referenced name
         other = tmp_path / "other.json"
-        npz.write_bytes(
-            _write_v1(
-                Matching(perm=np.zeros(12, dtype=np.int64), cost=np.zeros(12), n_b=9), other
-            ).read_bytes()
-        )
+        npz.write_bytes(_write_v1(Matching(perm=np.zeros(12, dtype=np.int64), cost=np.zeros(12), n_b=9), other).read_bytes())
         named = npz.name
     else:
         header["arrays"] = "../elsewhere.npz"
@@ -634,9 +622,7 @@ def _hammer_writer(path: str, tag: int, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         perm = rng.permutation(300)
-        Matching(
-            perm=perm, cost=np.full(300, float(tag)), n_b=300, meta={"tag": tag, "first": int(perm[0])}
-        ).save(path)
+        Matching(perm=perm, cost=np.full(300, float(tag)), n_b=300, meta={"tag": tag, "first": int(perm[0])}).save(path)
 
 
 def test_concurrent_saves_and_loads_never_see_a_mix_or_leave_orphans(tmp_path):

@@ -109,9 +109,7 @@ def test_match_stack_sparse_path_keeps_metric_and_thresholds():
 
 @pytest.mark.parametrize("solver", ["sparse", "dense"])
 def test_match_stack_solves_the_thresholded_problem_like_match(solver):
-    saes = [
-        jumprelu_sae(d_in=16, d_sae=40, seed=s, hook_name=f"blocks.{s}.hook_resid_post") for s in range(3)
-    ]
+    saes = [jumprelu_sae(d_in=16, d_sae=40, seed=s, hook_name=f"blocks.{s}.hook_resid_post") for s in range(3)]
     full = match(saes[0], saes[1], solver="dense")
     lam = float(np.quantile(full.cost, 0.6))
     stack = match_stack(saes, solver=solver, unmatched_above=lam, progress=False)
