@@ -52,11 +52,14 @@ d. certifies every pair: known edges directly; an excluded pair (i, j) is cleare
 is the block of unpartnered features against each other: a random assignment problem that
 any exact solver of the full permutation must solve. It stays one square lapjv solve (see
 ``docs/decisions.md``, *Sparse solver's dense core*, for the sparse alternative measured).
-Two things keep its cost down: the main pass *keeps its products* when they fit
-(``keep_products``; the core, the rechecks and any dense solve are then gathered, not
-multiplied again), and when the core grows by a few rows between rounds it is not solved
-again from scratch: the previous optimum and its potentials are kept and only the new rows
-are inserted, one shortest augmenting path each (:func:`_warm_assign`).
+Three things keep its cost down. A square core is first solved *sparsely*: LAPMOD on each
+row's 32 cheapest entries, with duals and a dense check that prove the result for the
+whole core (:func:`_sparse_core_assign`; lapjv when the check fails for many rows). When
+the core grows by a few rows between rounds it is not solved again from scratch: the
+previous optimum and its potentials are kept and only the new rows are inserted, one
+shortest augmenting path each (:func:`_warm_assign`). And where ``solver="auto"`` may
+switch a rectangular problem to the dense solver, the main pass *keeps its products*
+(``keep_products``), so that the switch costs no second product.
 When the user gives a threshold, :func:`threshold_match` solves the *thresholded* problem
 instead (every feature may stay unmatched at cost :math:`\\lambda`): only pairs cheaper than
 :math:`\\lambda` can be in its optimum, so that block disappears. ``solver="auto"``
@@ -1380,19 +1383,25 @@ KEEP_PRODUCTS_MAX_BYTES = 2 * 2**30
 KEEP_PRODUCTS_RAM_SHARE = 0.25
 
 
-def _keep_products(n: int, m: int, device: torch.device, keep: bool | None) -> bool:
-    """Whether the main pass keeps its products (``keep``: the user's choice; None: by size).
+def _keep_products(n: int, m: int, device: torch.device, keep: bool | None, may_go_dense: bool) -> bool:
+    """Whether the main pass keeps its products (``keep``: the user's choice; None: see below).
 
-    Kept products cost one float32 matrix and save every later product: the dense core, the
-    prefix and row rechecks, and the dense switch or fallback (measured at 8,192 x 8,192 x
-    1,024 with 40 % unpartnered: the core's products took 1.3 s of 5.9 s, the gather 0.1 s).
-    Only on the CPU by default: a GPU recomputes a block faster than it would hold it.
+    Kept products cost one float32 matrix, written once, and save every later product: the
+    core block, the prefix and row rechecks, and the dense switch or fallback. By default
+    (None) they are kept only where a dense solve of the whole problem may follow the pass
+    (``may_go_dense``: ``solver="auto"``'s rectangular switch), on the CPU, within
+    :data:`KEEP_PRODUCTS_MAX_BYTES` and :data:`KEEP_PRODUCTS_RAM_SHARE` of the available RAM:
+    there they replace a second full product. Elsewhere the later products are small (the
+    core of 3,277 rows at 8,192 x 1,024 took 0.2-0.3 s to multiply, 0.13 s to gather), while
+    first touching the kept matrix was measured to add 0.35 s to the pass at 8,192 x 8,192
+    and 1-2 s at 16,384 x 16,384 (page faults on this benchmark machine).
     """
     if keep is not None:
         return bool(keep)
     need = 4.0 * n * m
     return (
-        device.type == "cpu"
+        may_go_dense
+        and device.type == "cpu"
         and need <= KEEP_PRODUCTS_MAX_BYTES
         and need <= KEEP_PRODUCTS_RAM_SHARE * psutil.virtual_memory().available
     )
@@ -1488,10 +1497,11 @@ def sparse_match(
         None (default) never switches.
     keep_products : bool, optional
         Keep the main pass's float32 products (:math:`4F_AF_B` bytes) and gather the core,
-        the rechecks and any dense solve from them instead of multiplying again. Default
-        (None): on the CPU when they take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB,
-        i.e. up to about 23k x 23k) and a quarter of the available RAM. Every number the
-        certificate uses then comes from one product per pair.
+        the rechecks and any dense solve from them instead of multiplying again; every
+        number the certificate uses then comes from one product per pair. Default (None):
+        only when ``auto_dense_share`` may send a rectangular problem to the dense solver,
+        on the CPU, when they take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB) and a
+        quarter of the available RAM (see :func:`_keep_products` for the measurements).
 
     Returns
     -------
@@ -1591,7 +1601,7 @@ def _sparse_match_sides(
     square_mse = metric == "mse" and n == m
     kept = (
         torch.empty(n, m, device=ra.device, dtype=torch.float32)
-        if _keep_products(n, m, ra.device, keep_products)
+        if _keep_products(n, m, ra.device, keep_products, auto_dense_share is not None and n != m)
         else None
     )
     info.products_kept = kept is not None

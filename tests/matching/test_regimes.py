@@ -352,3 +352,16 @@ def test_square_cores_without_lap_use_lapjv(monkeypatch):
     assert i1.core_solver.startswith("lapmod") and i2.core_solver.startswith("lapjv")
     assert i1.certified and i2.certified
     np.testing.assert_array_equal(p1, p2)
+
+
+def test_products_are_kept_by_default_only_where_a_dense_switch_may_follow(monkeypatch):
+    """keep_products=None keeps the main pass's products for solver="auto"'s rectangular
+    switch (which then needs no second product), not for square problems, nor beyond the
+    memory limit."""
+    a, b, _ = planted_vectors(400, 16, 2, unmatched=0.6, noise=0.8)
+    rect = a[:300].contiguous()
+    assert not lap.sparse_match(a, b, return_info=True)[2].products_kept
+    assert not lap.sparse_match(rect, b, return_info=True)[2].products_kept
+    assert lap.sparse_match(rect, b, return_info=True, auto_dense_share=0.25)[2].products_kept
+    monkeypatch.setattr(lap, "KEEP_PRODUCTS_MAX_BYTES", 1000)
+    assert not lap.sparse_match(rect, b, return_info=True, auto_dense_share=0.25)[2].products_kept
