@@ -78,8 +78,9 @@ def _warm_up(f_a: int, f_b: int) -> None:
     from featmatch.matching import sparse_match
     from featmatch.synthetic import planted_vectors
 
-    buf = np.ones(int(3 * f_a * f_b))  # 24 bytes per pair: the dense baseline's peak, about
-    buf = None  # free the floor's block before the rest
+    np.ones(int(3 * f_a * f_b)).fill(
+        0.0
+    )  # touch 24 bytes per pair (about the dense baseline's peak), then free
     a, b, _ = planted_vectors(640, 32, 1, unmatched=0.4, noise=0.8)
     sparse_match(a, b)
     sparse_match(a[:480].contiguous(), b)
