@@ -176,6 +176,7 @@ _WEAK_GAP_QUANTILE = 0.9  # ... whose gap is at most this quantile of the core r
 _CORE_ALL_SHARE = 0.75  # a core with more rows than this share of n becomes the whole problem
 _LAPJV_MIN = 256  # square cores from this size go to lapjv (below it both solvers take ~1 ms)
 _SPARSE_CORE_K = 32  # entries per row of a square core's sparse graph (LAPMOD first, lapjv if it fails)
+_AUGMENT_MAX = 64  # a grown core is warm-started when at most this many rows joined (else solved afresh)
 
 
 def default_block_size(n_cols: int, n_rows: int | None = None) -> int:
@@ -244,6 +245,8 @@ class SparseMatchInfo:
         Mutual-best pairs moved into the core up front as weak (see :func:`_core_solve`).
     products_kept : bool
         Whether the main pass kept its products (``keep_products``) for the later phases.
+    predicted_core_share : float
+        ``auto_dense_share``'s estimate (:func:`predicted_core_share`); NaN when not made.
     """
 
     k: int
@@ -264,6 +267,7 @@ class SparseMatchInfo:
     core_solver: str = ""
     weak_moved: int = 0
     products_kept: bool = False
+    predicted_core_share: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy."""
@@ -286,6 +290,7 @@ class SparseMatchInfo:
             "core_solver": self.core_solver,
             "weak_moved": self.weak_moved,
             "products_kept": self.products_kept,
+            "predicted_core_share": self.predicted_core_share,
         }
 
 
@@ -816,7 +821,8 @@ def _sparse_core_assign(
     feasible duals. When it fails for a few rows, those rows are unassigned (the others keep
     feasible, tight duals) and re-inserted by shortest augmenting paths on the dense block
     (:func:`_augment_rows`), which ends optimal with feasible potentials. When it fails for
-    many rows (more than 2 % of the core, or 32), None is returned and the caller uses lapjv.
+    many rows (more than 2 % of the core or 32, at most :data:`_AUGMENT_MAX`), None is
+    returned and the caller uses lapjv.
 
     Measured on a random 3,265-square core of unit vectors (d = 1,024): lapjv 1.27 s, scipy
     1.13 s, LAPMOD on 32 entries per row 0.035 s (16 per row missed the optimum). On the
@@ -871,7 +877,7 @@ def _sparse_core_assign(
     if br.size == 0:
         return pc, v, True
     bad = np.unique(br)
-    if bad.size > max(32, n // 50):
+    if bad.size > min(_AUGMENT_MAX, max(32, n // 50)):
         return None
     # the other rows keep feasible, tight duals: re-insert the failing ones
     y = np.empty(n, dtype=np.int64)
@@ -937,11 +943,14 @@ def _warm_assign(
     trusts it (the certificate re-checks every core pair).
 
     Returns ``(pc, p)`` for the new core, or None when the previous core is not contained in
-    the new one (the caller then solves from scratch).
+    the new one or more than :data:`_AUGMENT_MAX` rows joined (the caller then solves from
+    scratch).
     """
     R0, C0, pc0, p0 = prev
     n = R.size
-    if n != C.size or R0.size == 0 or R0.size > n:
+    if n != C.size or R0.size == 0 or R0.size > n or n - R0.size > _AUGMENT_MAX:
+        # many new rows: one Dijkstra each in numpy (measured ~10 ms per row at 4,145 rows,
+        # 4 s for the 414 rows of one round) costs more than a fresh sparse solve
         return None
     ir = np.searchsorted(R, R0)
     ic = np.searchsorted(C, C0)
@@ -1070,7 +1079,6 @@ def _core_solve(
     times: dict[str, float],
     mm_threads: int = 0,
     weak_pairs: bool = True,
-    auto_dense_share: float | None = None,
     kept: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     r"""Exact assignment with a certificate, fast when most features have an obvious partner.
@@ -1139,12 +1147,6 @@ def _core_solve(
         weak = cand_w[np.argsort(gap[cand_w], kind="stable")[:cap]]
         fixed_rows[weak] = False
         info.weak_moved = int(weak.size)
-    if auto_dense_share is not None and n != m and (~fixed_rows).sum() > auto_dense_share * n:
-        # solver="auto": a large rectangular core (scipy, no potentials, re-solved per round)
-        # is predicted slower than the dense solve of the whole problem (module constant
-        # AUTO_DENSE_CORE_SHARE); the caller solves densely
-        info.core_rows = [int((~fixed_rows).sum())]
-        return None
     owner = np.full(m, -1, dtype=np.int64)  # fixed row owning each column
     owner[bcol[fixed_rows]] = np.flatnonzero(fixed_rows)
     if (~fixed_rows).sum() > _CORE_ALL_SHARE * n:
@@ -1383,28 +1385,55 @@ KEEP_PRODUCTS_MAX_BYTES = 2 * 2**30
 KEEP_PRODUCTS_RAM_SHARE = 0.25
 
 
-def _keep_products(n: int, m: int, device: torch.device, keep: bool | None, may_go_dense: bool) -> bool:
-    """Whether the main pass keeps its products (``keep``: the user's choice; None: see below).
+def _keep_products(n: int, m: int, device: torch.device, keep: bool | None) -> bool:
+    """Whether the main pass keeps its products (``keep``: the user's choice; None: no).
 
     Kept products cost one float32 matrix, written once, and save every later product: the
-    core block, the prefix and row rechecks, and the dense switch or fallback. By default
-    (None) they are kept only where a dense solve of the whole problem may follow the pass
-    (``may_go_dense``: ``solver="auto"``'s rectangular switch), on the CPU, within
-    :data:`KEEP_PRODUCTS_MAX_BYTES` and :data:`KEEP_PRODUCTS_RAM_SHARE` of the available RAM:
-    there they replace a second full product. Elsewhere the later products are small (the
-    core of 3,277 rows at 8,192 x 1,024 took 0.2-0.3 s to multiply, 0.13 s to gather), while
-    first touching the kept matrix was measured to add 0.35 s to the pass at 8,192 x 8,192
-    and 1-2 s at 16,384 x 16,384 (page faults on this benchmark machine).
+    core block, the prefix and row rechecks, and the dense fallback. Not by default: the
+    later products are small (the core of 3,277 rows at 8,192 x 1,024 took 0.2-0.3 s to
+    multiply, 0.13 s to gather), while first touching the kept matrix added 0.35 s to the
+    pass at 8,192 x 8,192 and 1-2 s at 16,384 x 16,384 (page faults on the benchmark
+    machine), and the sweep of ``benchmarks/bench_regimes.py`` showed no regime where
+    keeping them was faster beyond its run-to-run spread. ``True`` keeps them (CPU or GPU)
+    when :data:`KEEP_PRODUCTS_MAX_BYTES` and :data:`KEEP_PRODUCTS_RAM_SHARE` of the
+    available RAM allow.
     """
-    if keep is not None:
-        return bool(keep)
+    if not keep:
+        return False
     need = 4.0 * n * m
     return (
-        may_go_dense
-        and device.type == "cpu"
-        and need <= KEEP_PRODUCTS_MAX_BYTES
+        need <= KEEP_PRODUCTS_MAX_BYTES
         and need <= KEEP_PRODUCTS_RAM_SHARE * psutil.virtual_memory().available
     )
+
+
+#: Rows sampled by :func:`predicted_core_share` (``solver="auto"``'s rectangular switch).
+AUTO_SAMPLE_ROWS = 256
+
+
+def predicted_core_share(
+    ra: _Side, cb: _Side, metric: str, sample: int = AUTO_SAMPLE_ROWS, seed: int = 0
+) -> float:
+    """Share of rows without a mutual-best partner, estimated from a sample of rows.
+
+    ``sample`` random rows get their full cost rows (one ``sample x m`` product), and each
+    row's cheapest column its full cost column (one ``n x sample`` product); the row is
+    mutual-best when that column's cheapest row is the row itself. The rows that are not
+    are the core of :func:`_core_solve` (before weak pairs join it). Costs about
+    ``2 sample / n`` of the main pass (6 % at 6,144 x 8,192); the estimate's standard error
+    is at most :math:`0.5/\sqrt{\text{sample}}` (0.03).
+    """
+    n, m = ra.n, cb.n
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, min(n, sample), replace=False))
+    r_t = torch.from_numpy(rows)
+    g = (ra.rows()[r_t.to(ra.device)] @ cb.cols_t()).cpu()
+    best = _costs_from_g(g, ra.sq[r_t][:, None], cb.sq[None, :], metric, ra.dim).argmin(1).numpy()
+    ucols, inv = np.unique(best, return_inverse=True)
+    c_t = torch.from_numpy(ucols)
+    gc = (ra.rows() @ cb.rows()[c_t.to(cb.device)].T).cpu()
+    col_best = _costs_from_g(gc, ra.sq[:, None], cb.sq[c_t][None, :], metric, ra.dim).argmin(0).numpy()
+    return float(np.mean(col_best[inv] != rows))
 
 
 def _dense_fits(n: int, m: int, limit_bytes: float | None) -> bool:
@@ -1491,17 +1520,17 @@ def sparse_match(
         percentile of the core rows') into the core before the first solve (default). Affects speed only; ``False``
         is the plain fast path, for ablations.
     auto_dense_share : float, optional
-        ``solver="auto"``'s switch (:data:`AUTO_DENSE_CORE_SHARE`): when the first pass
-        predicts a *rectangular* core with more than this share of the rows, solve the whole
-        problem densely instead (``info.fallback == "auto-dense"``, ``info.path == "dense"``);
-        None (default) never switches.
+        ``solver="auto"``'s switch (:data:`AUTO_DENSE_CORE_SHARE`): when a sample of
+        :data:`AUTO_SAMPLE_ROWS` rows (:func:`predicted_core_share`, before the main pass)
+        predicts a *rectangular* core with more than this share of the rows, and the dense
+        matrix fits, solve the whole problem densely instead (``info.fallback ==
+        "auto-dense"``, ``info.path == "dense"``); None (default) never switches.
     keep_products : bool, optional
         Keep the main pass's float32 products (:math:`4F_AF_B` bytes) and gather the core,
         the rechecks and any dense solve from them instead of multiplying again; every
-        number the certificate uses then comes from one product per pair. Default (None):
-        only when ``auto_dense_share`` may send a rectangular problem to the dense solver,
-        on the CPU, when they take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB) and a
-        quarter of the available RAM (see :func:`_keep_products` for the measurements).
+        number the certificate uses then comes from one product per pair; only when they
+        take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB) and a quarter of the available
+        RAM. Default (None): not kept (see :func:`_keep_products` for the measurements).
 
     Returns
     -------
@@ -1596,12 +1625,39 @@ def _sparse_match_sides(
     bs = block_size or default_block_size(m, n)
     times["prepare"] = time.perf_counter() - t_start
 
+    def _out(perm_r: np.ndarray, cost_r: np.ndarray) -> tuple[np.ndarray, np.ndarray, SparseMatchInfo]:
+        if transposed:
+            ok = perm_r >= 0
+            perm_a[perm_r[ok]] = np.flatnonzero(ok)
+            cost_a[perm_r[ok]] = cost_r[ok]
+        else:
+            perm_a[:] = perm_r
+            cost_a[:] = cost_r
+            cost_a[perm_a < 0] = np.nan
+        times["total"] = time.perf_counter() - t_start
+        return perm_a, cost_a, info
+
+    # ---- solver="auto" on a rectangular pair: dense when a sample predicts a large core ----
+    if auto_dense_share is not None and n != m and _dense_fits(n, m, dense_max_bytes):
+        t = time.perf_counter()
+        share = predicted_core_share(ra, cb, metric)
+        info.predicted_core_share = share
+        times["predict"] = time.perf_counter() - t
+        if share > auto_dense_share:
+            t = time.perf_counter()
+            full = pairwise_cost(ra.x, cb.x, metric=metric, block_size=bs)
+            perm_r, cost_r = assign(full)
+            del full
+            info.fallback, info.path, info.certified, info.gap_bound = "auto-dense", "dense", True, 0.0
+            times["fallback"] = time.perf_counter() - t
+            return _out(perm_r, cost_r)
+
     # ---- phase 1: one blocked pass ------------------------------------------------
     t = time.perf_counter()
     square_mse = metric == "mse" and n == m
     kept = (
         torch.empty(n, m, device=ra.device, dtype=torch.float32)
-        if _keep_products(n, m, ra.device, keep_products, auto_dense_share is not None and n != m)
+        if _keep_products(n, m, ra.device, keep_products)
         else None
     )
     info.products_kept = kept is not None
@@ -1628,7 +1684,6 @@ def _sparse_match_sides(
     alpha = bounds.alpha
     cols_np = cols.numpy()
     core_match = None
-    go_dense = False
     if use_core:
         ec = costs.numpy() - alpha[cols_np] if alpha.any() else costs.numpy()
         with _single_thread() as mm_threads:
@@ -1647,10 +1702,8 @@ def _sparse_match_sides(
                 times,
                 mm_threads,
                 weak_pairs,
-                auto_dense_share,
                 kept,
             )
-        go_dense = core_match is None and auto_dense_share is not None and info.rounds == 0
     if core_match is not None:
         info.path = "core"
         perm_r, e_r = core_match
@@ -1661,7 +1714,7 @@ def _sparse_match_sides(
     else:
         info.path = "sparse"
     rounds0 = info.rounds
-    for rnd in range(1, max_rounds + 1 if core_match is None and not go_dense else 1):
+    for rnd in range(1, max_rounds + 1 if core_match is None else 1):
         info.rounds = rounds0 + rnd
         # ---- phase 2: sparse exact assignment ----------------------------------------
         t = time.perf_counter()
@@ -1796,7 +1849,7 @@ def _sparse_match_sides(
         cost_r = e_cost[pos]
         info.certified = True
         info.gap_bound = float(n * tau)
-    elif (dense_fallback or go_dense) and _dense_fits(n, m, dense_max_bytes):
+    elif dense_fallback and _dense_fits(n, m, dense_max_bytes):
         t = time.perf_counter()
         if kept is not None:
             # the main pass's products, with pairwise_cost's arithmetic (no second product)
@@ -1806,9 +1859,7 @@ def _sparse_match_sides(
             full = pairwise_cost(ra.x, cb.x, metric=metric, block_size=bs)
         perm_r, cost_r = assign(full)
         del full
-        info.fallback = "auto-dense" if go_dense else "dense"
-        if go_dense:
-            info.path = "dense"
+        info.fallback = "dense"
         info.certified = True
         info.gap_bound = 0.0
         times["fallback"] = time.perf_counter() - t
@@ -1827,16 +1878,7 @@ def _sparse_match_sides(
             e_row, e_col, e_cost = e_row[order], e_col[order], e_cost[order]
             pos = np.searchsorted(e_row * (m + 1) + e_col, np.flatnonzero(ok) * (m + 1) + perm_r[ok])
             cost_r[ok] = e_cost[pos]
-    if transposed:
-        ok = perm_r >= 0
-        perm_a[perm_r[ok]] = np.flatnonzero(ok)
-        cost_a[perm_r[ok]] = cost_r[ok]
-    else:
-        perm_a[:] = perm_r
-        cost_a[:] = cost_r
-        cost_a[perm_a < 0] = np.nan
-    times["total"] = time.perf_counter() - t_start
-    return perm_a, cost_a, info
+    return _out(perm_r, cost_r)
 
 
 # --------------------------------------------------------------------------------------
@@ -2085,13 +2127,15 @@ def threshold_match(
 #: 2-6x *slower* than dense at these sizes, so dense is the safe default there.
 AUTO_SPARSE_ABOVE = 4096 * 4096
 
-#: ``solver="auto"`` on a sparse-sized problem: when the first pass predicts a rectangular
-#: core (rows without a mutual-best partner) above this share of the rows, the dense solver
-#: runs instead. Rectangular cores go to scipy (lapjv is square-only, no potentials, so
-#: label-correcting duals) and grow over several rounds; measured on planted 1,536 x 2,048
-#: pairs with 40% unpartnered: cores of 609-892 rows (40-58%), sparse 3.1-5.8 s against
-#: 2.7-3.2 s dense (benchmarks/bench_regimes.py --quick). Square cores (lapjv) stay sparse.
-AUTO_DENSE_CORE_SHARE = 0.25
+#: ``solver="auto"`` on a sparse-sized problem: when a sample of rows predicts a rectangular
+#: core (rows without a mutual-best partner, :func:`predicted_core_share`) above this share
+#: of the rows, the dense solver runs instead, before the main pass. Rectangular cores go to
+#: scipy (LAPMOD and lapjv are square-only, no potentials, so label-correcting duals) and
+#: grow over several rounds; measured on unit-vector planted 6,144 x 8,192 pairs
+#: (benchmarks/bench_regimes.py --unit --repeat 3): cores of 18-20 % of the rows at 25 %
+#: unpartnered, sparse 0.5-0.7x dense; 27 % at 40 %, sparse 0.9-1.2x dense; 34-40 % at
+#: 60 %, sparse 1.7-1.8x dense. Square cores (LAPMOD/lapjv) stay sparse.
+AUTO_DENSE_CORE_SHARE = 0.2
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
 #: available RAM (psutil), whatever the size.

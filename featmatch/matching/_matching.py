@@ -559,7 +559,7 @@ def match(
         measured faster, :math:`F_A F_B >` ``featmatch.matching._lap.AUTO_SPARSE_ABOVE`` (4096²,
         see ``docs/benchmarks.md``), or where the dense float64 matrix would take more than
         25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense. On the
-        sparse route, when the first pass predicts a rectangular core above
+        sparse route, when a sample of 256 rows predicts a rectangular core above
         ``_lap.AUTO_DENSE_CORE_SHARE`` of the rows, the whole problem is solved densely
         (``sparse_match(auto_dense_share=...)``, issue 18).
     unmatched_above : float, optional

@@ -354,14 +354,27 @@ def test_square_cores_without_lap_use_lapjv(monkeypatch):
     np.testing.assert_array_equal(p1, p2)
 
 
-def test_products_are_kept_by_default_only_where_a_dense_switch_may_follow(monkeypatch):
-    """keep_products=None keeps the main pass's products for solver="auto"'s rectangular
-    switch (which then needs no second product), not for square problems, nor beyond the
-    memory limit."""
+def test_products_are_kept_only_when_asked_and_within_the_memory_limit(monkeypatch):
+    """keep_products: not by default; True keeps them unless they exceed the memory limit."""
     a, b, _ = planted_vectors(400, 16, 2, unmatched=0.6, noise=0.8)
     rect = a[:300].contiguous()
     assert not lap.sparse_match(a, b, return_info=True)[2].products_kept
     assert not lap.sparse_match(rect, b, return_info=True)[2].products_kept
-    assert lap.sparse_match(rect, b, return_info=True, auto_dense_share=0.25)[2].products_kept
+    assert lap.sparse_match(rect, b, return_info=True, keep_products=True)[2].products_kept
     monkeypatch.setattr(lap, "KEEP_PRODUCTS_MAX_BYTES", 1000)
-    assert not lap.sparse_match(rect, b, return_info=True, auto_dense_share=0.25)[2].products_kept
+    assert not lap.sparse_match(rect, b, return_info=True, keep_products=True)[2].products_kept
+
+
+@pytest.mark.parametrize(("unp", "n"), [(0.1, 600), (0.4, 600), (0.6, 600), (0.6, 200)])
+def test_predicted_core_share_estimates_the_first_core(unp, n):
+    """The sampled estimate (256 rows, or all rows when fewer) is within 4 standard errors of
+    the share of rows that are not mutual-best, counted on the full cost matrix."""
+    a, b, _ = planted_vectors(800, 32, 3, unmatched=unp, noise=0.8, unit=True)
+    ra, cb = lap._Side(a[:n].contiguous(), torch.device("cpu")), lap._Side(b, torch.device("cpu"))
+    est = lap.predicted_core_share(ra, cb, "mse")
+    cost = pairwise_cost(a[:n], b)
+    best = cost.argmin(1)
+    true = float(np.mean(cost[:, best].argmin(0) != np.arange(n)))
+    s = min(n, lap.AUTO_SAMPLE_ROWS)
+    se = 0.5 / np.sqrt(s) * np.sqrt(max(0.0, (n - s) / max(n - 1, 1)))  # finite-population correction
+    assert abs(est - true) <= 4 * se + 1e-12, (est, true)
