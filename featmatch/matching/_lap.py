@@ -1421,9 +1421,9 @@ def predicted_core_share(
     mutual-best when that column's cheapest row is the row itself. The rows that are not
     are the core of :func:`_core_solve` (before weak pairs join it). Costs about
     ``2 sample / n`` of the main pass (6 % at 6,144 x 8,192); the estimate's standard error
-    is at most :math:`0.5/\sqrt{\text{sample}}` (0.03).
+    is at most :math:`0.5/\\sqrt{\\text{sample}}` (0.03).
     """
-    n, m = ra.n, cb.n
+    n = ra.n
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, min(n, sample), replace=False))
     r_t = torch.from_numpy(rows)
