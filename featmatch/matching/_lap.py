@@ -1038,30 +1038,32 @@ def _grow_block(
 
     The core only grows between rounds (rows leave the fixed set, their columns join), so
     the new block is the old one plus new rows and new columns: only those products are
-    computed (``compute(rows, cols)``).
+    computed (``compute(rows, cols)``). With ``R0`` in ``R`` and ``C0`` in ``C`` (all sorted)
+    the old block keeps its order and is scattered as a whole, in numpy (torch's
+    advanced-index copy took 0.7-1.3 s for a 4,855-square float64 block, measured).
     """
     if prev is None or prev[0].size == 0:
         return compute(R, C)
     R0, C0, E0 = prev
+    if not (np.isin(R0, R).all() and np.isin(C0, C).all()):
+        return compute(R, C)
     old_r = np.isin(R, R0)
     old_c = np.isin(C, C0)
-    if not old_r.all() or not old_c.all():
-        if not (np.isin(R0, R).all() and np.isin(C0, C).all()):
-            return compute(R, C)
-    out = torch.empty(R.size, C.size, dtype=torch.float64)
     ir = np.flatnonzero(old_r)
     ic = np.flatnonzero(old_c)
-    pr = np.searchsorted(R0, R[ir])
-    pcol = np.searchsorted(C0, C[ic])
-    if ir.size and ic.size:
-        out[np.ix_(ir, ic)] = E0[np.ix_(pr, pcol)]
+    out = np.empty((R.size, C.size))
+    e0 = E0.numpy()
+    if ic.size == C.size:
+        out[ir] = e0
+    elif ir.size and ic.size:
+        out[np.ix_(ir, ic)] = e0
     nr = np.flatnonzero(~old_r)
     nc = np.flatnonzero(~old_c)
     if nr.size:
-        out[nr] = compute(R[nr], C)
+        out[nr] = compute(R[nr], C).numpy()
     if nc.size and ir.size:
-        out[np.ix_(ir, nc)] = compute(R[ir], C[nc])
-    return out
+        out[np.ix_(ir, nc)] = compute(R[ir], C[nc]).numpy()
+    return torch.from_numpy(out)
 
 
 def _core_solve(
