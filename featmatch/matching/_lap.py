@@ -33,8 +33,10 @@ a. fixes the *mutual-best* candidate pairs (row i's cheapest candidate is j and 
    fixed pairs whose gap to the row's bound is no larger than a typical core row's are
    *weak* (chance pairs of two unpartnered features) and join the core up front;
 b. computes the core's costs **densely** (one :math:`|R|\\times|C|` product, ~1% of the
-   floor) and solves it exactly: square cores with ``lapjv`` (Jonker-Volgenant, double
-   precision, returns column potentials), other cores with scipy ``linear_sum_assignment``;
+   floor) and solves it exactly: square cores first with LAPMOD (``lap``) on each row's 32
+   cheapest entries, proved for the whole core by duals and a dense check
+   (:func:`_sparse_core_assign`), else with ``lapjv`` (Jonker-Volgenant, double precision,
+   returns column potentials); other cores with scipy ``linear_sum_assignment``;
 c. picks duals that make the certificate easy: the largest feasible :math:`v` on the core
    (one dense Dijkstra from lapjv's potentials, else label-correcting sweeps), the
    *smallest* feasible :math:`v` (highest prices) on fixed columns, so a row outside a
