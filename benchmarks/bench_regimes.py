@@ -18,7 +18,7 @@ Per configuration, in one subprocess, on the same data:
 * ``auto``   what ``featmatch.match(solver="auto")`` (the default) runs on these vectors:
   :func:`featmatch.matching.auto_solver` picks a solver by size; on the sparse route,
   rectangular pairs run ``sparse_match(auto_dense_share=AUTO_DENSE_CORE_SHARE)``, which
-  switches to the dense solver when the first pass predicts a large rectangular core
+  switches to the dense solver when a sample of rows predicts a large rectangular core
   (timed separately; for square pairs the switch never applies and the sparse time is
   reused, not timed twice);
 * ``thr``    :func:`featmatch.matching._lap.threshold_match` with ``unmatched_above`` at the
@@ -28,6 +28,10 @@ Per configuration, in one subprocess, on the same data:
 
 *rel. gap* is the sparse assignment's cost on the dense float64 matrix minus the dense
 optimum, relative (the issue asks <= 1e-6).
+
+With ``--repeat N`` every method runs N times, interleaved and in rotated order, nothing of
+one run held while another runs, and the medians are reported; the solver details (core
+sizes, phases) and the checks come from one more, untimed run.
 
 Usage::
 
@@ -135,33 +139,36 @@ def worker(
         return c, rows, cols
 
     auto_choice = auto_solver(f_a, f_b)
-    # the methods run interleaved, ``repeat`` times each (floor, sparse, auto, dense, then
-    # again), and the medians are reported: single runs on this shared machine vary by +-30 %
+    run_auto = auto_choice == "sparse" and f_a != f_b
+    methods = {
+        "sparse": lambda: sparse_match(a, b, metric="mse", return_info=True),
+        # match's sparse route under solver="auto": dense when a sample predicts a large
+        # rectangular core (square pairs: the switch never applies, and the sparse time is the
+        # auto time, not timed twice)
+        "auto": lambda: sparse_match(
+            a, b, metric="mse", return_info=True, auto_dense_share=AUTO_DENSE_CORE_SHARE
+        ),
+        "dense": dense_solve,
+    }
+    names = [k for k in ("sparse", "auto", "dense") if (k != "auto" or run_auto) and (k != "dense" or dense)]
+    # The methods run ``repeat`` times each, interleaved, the order rotated every repetition,
+    # and nothing of one run is kept while another runs: on this machine a run whose large
+    # arrays reuse memory just freed by another is measurably faster than one that needs fresh
+    # pages (0.3-1 s per 400 MB), so a fixed order, or a result held over, biased the ratios.
+    # Medians are reported; the results used for the checks come from one more, untimed run.
     times: dict[str, list[float]] = {k: [] for k in ("floor", "sparse", "auto", "dense")}
-    out: dict = {}
-    for _ in range(repeat):
+    for r in range(repeat):
         t = time.perf_counter()
         floor()
         times["floor"].append(time.perf_counter() - t)
-        out.pop("sparse", None)
-        t = time.perf_counter()
-        out["sparse"] = sparse_match(a, b, metric="mse", return_info=True)
-        times["sparse"].append(time.perf_counter() - t)
-        if auto_choice == "sparse" and f_a != f_b:
-            # match's sparse route under solver="auto": dense when the first pass predicts a
-            # large rectangular core (square pairs: the switch never applies, and the sparse
-            # time is the auto time, not timed twice)
-            out.pop("auto", None)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
-            out["auto"] = sparse_match(
-                a, b, metric="mse", return_info=True, auto_dense_share=AUTO_DENSE_CORE_SHARE
-            )
-            times["auto"].append(time.perf_counter() - t)
-        if dense:
-            out.pop("dense", None)
-            t = time.perf_counter()
-            out["dense"] = dense_solve()
-            times["dense"].append(time.perf_counter() - t)
+            res_tmp = methods[name]()
+            times[name].append(time.perf_counter() - t)
+            del res_tmp
+    out = {"sparse": methods["sparse"]()}
+    if run_auto:
+        out["auto"] = methods["auto"]()
     buf = None  # free the floor's block before the rest
     med = {k: float(np.median(v)) for k, v in times.items() if v}
     res["repeat"] = repeat
@@ -190,7 +197,7 @@ def worker(
         res["thr_edges"] = tinfo.n_edges
     res["threshold"] = lam
     if dense:
-        c, rows, cols = out["dense"]
+        c, rows, cols = dense_solve()
         res["dense"] = med["dense"]
         if res["auto_choice"] == "dense":
             res["auto"] = res["dense"]
