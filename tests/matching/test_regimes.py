@@ -378,3 +378,17 @@ def test_predicted_core_share_estimates_the_first_core(unp, n):
     s = min(n, lap.AUTO_SAMPLE_ROWS)
     se = 0.5 / np.sqrt(s) * np.sqrt(max(0.0, (n - s) / max(n - 1, 1)))  # finite-population correction
     assert abs(est - true) <= 4 * se + 1e-12, (est, true)
+
+
+def test_auto_switch_when_a_has_more_features_than_b():
+    """F_A > F_B (solved transposed): the sampled switch goes dense and the result, mapped back
+    to A's rows, is the dense optimum."""
+    a, b, _ = planted_vectors(160, 16, 2, unmatched=0.6, noise=0.8)
+    b = b[:120].contiguous()
+    perm, cost, info = lap.sparse_match(a, b, return_info=True, auto_dense_share=0.2)
+    assert info.transposed and info.path == "dense" and info.fallback == "auto-dense"
+    assert info.predicted_core_share > 0.2
+    pd, cd = assign(pairwise_cost(a, b))
+    np.testing.assert_array_equal(perm, pd)
+    np.testing.assert_array_equal(np.isnan(cost), np.isnan(cd))
+    assert np.nansum(cost) == np.nansum(cd)
