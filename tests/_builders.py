@@ -29,7 +29,9 @@ def jumprelu_sae(
     return sae
 
 
-def standard_sae(d_in: int = 16, d_sae: int = 32, seed: int = 0, hook_name: str = "blocks.0.hook_resid_post") -> StandardSAE:
+def standard_sae(
+    d_in: int = 16, d_sae: int = 32, seed: int = 0, hook_name: str = "blocks.0.hook_resid_post"
+) -> StandardSAE:
     """A ReLU SAE with random weights."""
     g = torch.Generator().manual_seed(seed)
     cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae)
@@ -61,7 +63,9 @@ def tiny_model(n_layers: int = 3, d_model: int = 16, d_vocab: int = 50, n_ctx: i
     return HookedTransformer(cfg)
 
 
-def tiny_tokens(n_seq: int = 8, seq_len: int = 16, d_vocab: int = 50, seed: int = 0, bos: int = 0) -> torch.Tensor:
+def tiny_tokens(
+    n_seq: int = 8, seq_len: int = 16, d_vocab: int = 50, seed: int = 0, bos: int = 0
+) -> torch.Tensor:
     """Random tokens (n_seq, seq_len) with a BOS token at position 0."""
     rng = np.random.default_rng(seed)
     toks = rng.integers(1, d_vocab, size=(n_seq, seq_len))
@@ -95,7 +99,10 @@ def tiny_notebook(folder, name: str = "01_tiny", figure: bool = False, fail: boo
             )
         )
     if fail:
-        cells += [new_code_cell('raise ValueError("planted failure")'), new_code_cell('print("never printed")')]
+        cells += [
+            new_code_cell('raise ValueError("planted failure")'),
+            new_code_cell('print("never printed")'),
+        ]
     nb = new_notebook(
         cells=cells,
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -122,3 +129,16 @@ def permuted_sae(sae, perm, hook_name: str | None = None):
         out.b_dec.copy_(sae.b_dec)
         out.threshold.copy_(sae.threshold[inv])
     return out
+
+
+def largest_duals_reference(E: np.ndarray, pc: np.ndarray) -> np.ndarray:
+    """Largest v <= 0 with v_j <= v_pc(i) + E_ij - E_i,pc(i) on a dense block, by plain
+    Bellman-Ford sweeps (the reference for the sparse matcher's dual computations)."""
+    e = E[np.arange(E.shape[0]), pc]
+    v = np.zeros(E.shape[1])
+    for _ in range(E.shape[1] + 2):
+        new = np.minimum(v, (E - e[:, None] + v[pc][:, None]).min(0))
+        if np.array_equal(new, v):
+            return v
+        v = new
+    raise AssertionError("no fixpoint")

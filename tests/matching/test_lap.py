@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _builders import jumprelu_sae
+from _builders import jumprelu_sae, largest_duals_reference
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -260,18 +260,6 @@ def test_sparse_equals_dense_planted(metric, shape):
 # --------------------------------------------------------------------------------------
 
 
-def _bellman_ford_largest_v(E: np.ndarray, pc: np.ndarray) -> np.ndarray:
-    """Reference: largest v <= 0 with v_j <= v_pc(i) + E_ij - E_i,pc(i), by plain dense sweeps."""
-    e = E[np.arange(E.shape[0]), pc]
-    v = np.zeros(E.shape[1])
-    for _ in range(E.shape[1] + 2):
-        new = np.minimum(v, (E - e[:, None] + v[pc][:, None]).min(0))
-        if np.array_equal(new, v):
-            return v
-        v = new
-    raise AssertionError("no fixpoint")
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.one_of(st.integers(2, 40), st.integers(256, 400)),
@@ -298,7 +286,7 @@ def test_core_lsa_and_dijkstra_duals_match_references(n, ties, seed):
         row_to_col, _, (_, _, p) = lapjv.lapjv(E, force_doubles=True)
         pc, pot = np.asarray(row_to_col, dtype=np.int64), np.asarray(p, dtype=float)
     v = lap._largest_duals_dijkstra(E, pc, pot)
-    np.testing.assert_allclose(v, _bellman_ford_largest_v(E, pc), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(v, largest_duals_reference(E, pc), rtol=0, atol=1e-9)
     e = E[np.arange(n), pc]
     assert (E - e[:, None] + v[pc][:, None] - v[None, :]).min() >= -1e-9
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _builders import jumprelu_sae
+from _builders import jumprelu_sae, largest_duals_reference
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
@@ -292,18 +292,6 @@ def test_costs_from_g_numpy_path_equals_torch_arithmetic():
     assert torch.equal(lap._costs_from_g(g.T.contiguous().T, sq_a, sq_b, "mse", 7), ref)  # strided input
 
 
-def _largest_v_reference(E: np.ndarray, pc: np.ndarray) -> np.ndarray:
-    """Largest v <= 0 with v_j <= v_pc(i) + E_ij - E_i,pc(i) on the dense block, by plain sweeps."""
-    e = E[np.arange(E.shape[0]), pc]
-    v = np.zeros(E.shape[1])
-    for _ in range(E.shape[1] + 2):
-        new = np.minimum(v, (E - e[:, None] + v[pc][:, None]).min(0))
-        if np.array_equal(new, v):
-            return v
-        v = new
-    raise AssertionError("no fixpoint")
-
-
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(40, 400),
@@ -340,7 +328,7 @@ def test_sparse_core_assign_is_optimal_or_declines(n, spread, k, seed):
     u = E[np.arange(n), pc] - v[pc]
     assert (E - u[:, None] - v[None, :]).min() >= -1e-12  # feasible potentials for the whole block
     if largest:
-        np.testing.assert_allclose(v, _largest_v_reference(E, pc), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(v, largest_duals_reference(E, pc), rtol=0, atol=1e-12)
 
 
 def test_square_cores_without_lap_use_lapjv(monkeypatch):
