@@ -240,9 +240,9 @@ class SparseMatchInfo:
     core_rows : list of int
         Per fast-path round, the rows in the dense core.
     core_solver : str
-        Solver of the last core: ``"lapjv"``, ``"lapjv+augment"`` (a grown core solved from
-        the previous round's lapjv solution by augmenting paths, :func:`_warm_assign`) or
-        ``"scipy"`` ("" if no core was solved).
+        Solver of the last core: ``"lapmod"`` (:func:`_sparse_core_assign`), ``"lapjv"``,
+        either with ``"+augment"`` (a grown core solved from the previous round's solution by
+        augmenting paths, :func:`_warm_assign`), or ``"scipy"`` ("" if no core was solved).
     weak_moved : int
         Mutual-best pairs moved into the core up front as weak (see :func:`_core_solve`).
     products_kept : bool
