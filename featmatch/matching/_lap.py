@@ -178,7 +178,8 @@ _WEAK_GAP_QUANTILE = 0.9  # ... whose gap is at most this quantile of the core r
 _CORE_ALL_SHARE = 0.75  # a core with more rows than this share of n becomes the whole problem
 _LAPJV_MIN = 256  # square cores from this size go to lapjv (below it both solvers take ~1 ms)
 _SPARSE_CORE_K = 32  # entries per row of a square core's sparse graph (LAPMOD first, lapjv if it fails)
-_AUGMENT_MAX = 64  # a grown core is warm-started when at most this many rows joined (else solved afresh)
+_AUGMENT_MAX = 64  # at most this many rows failing the sparse core's check are repaired by augmenting paths
+_WARM_MAX = 16  # a grown square core is warm-started when at most this many rows joined (else solved afresh)
 
 
 def default_block_size(n_cols: int, n_rows: int | None = None) -> int:
@@ -665,13 +666,18 @@ def _eff_block(
     alpha: np.ndarray,
     threads: int = 0,
     kept: torch.Tensor | None = None,
+    out: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Effective costs ``C[rows][:, cols] - alpha[cols]`` (float64, CPU) from one float32 product
     (run on ``threads`` intra-op threads when given), or gathered from the main pass's ``kept``
-    products (the same numbers as the candidates and the bounds)."""
+    products (the same numbers as the candidates and the bounds). Written into ``out`` (a
+    float64 array of that shape, e.g. a view into :class:`_CoreBlock`'s buffer) when given."""
     dev = ra.device
     r_t = torch.from_numpy(rows)
     c_t = torch.from_numpy(cols)
+    if out is None:
+        out = np.empty((rows.size, cols.size))
+    neg_alpha = -alpha[cols] if alpha.any() else None
     n0 = torch.get_num_threads()
     if threads and threads != n0:
         torch.set_num_threads(threads)
@@ -681,21 +687,41 @@ def _eff_block(
             # 8,192^2), in row chunks straight into the float64 block (float32 -> float64 is
             # exact): no full-size float32 temporary, whose fresh pages cost more than the copy
             kn = kept.numpy()
-            out = np.empty((rows.size, cols.size))
             for i0 in range(0, rows.size, 256):
                 out[i0 : i0 + 256] = kn[np.ix_(rows[i0 : i0 + 256], cols)]
             g = torch.from_numpy(out)
         elif kept is not None:
             g = kept.index_select(0, r_t.to(kept.device)).index_select(1, c_t.to(kept.device)).cpu()
+        elif dev.type == "cpu" and metric == "mse":
+            # row chunks of the product straight into the float64 block, each turned into costs
+            # while it is in cache: no full-size float32 temporary (its fresh pages and a second
+            # sweep over the block cost 0.1 s of 0.42 s at 3,277 x 3,277, measured)
+            a_r = ra.rows()[r_t]
+            b_t = cb.rows()[c_t].T
+            ch = max(1, min(rows.size, 2**21 // max(cols.size, 1)))  # <= 8 MB of float32 per chunk
+            gbuf = torch.empty(ch, cols.size)
+            sq_r, sq_c = ra.sq[r_t][:, None], cb.sq[c_t][None, :]
+            for i0 in range(0, rows.size, ch):
+                i1 = min(i0 + ch, rows.size)
+                g = gbuf[: i1 - i0]
+                torch.mm(a_r[i0:i1], b_t, out=g)
+                x = out[i0:i1]
+                x[...] = g.numpy()
+                _costs_from_g(torch.from_numpy(x), sq_r[i0:i1], sq_c, metric, ra.dim, inplace=True)
+                if neg_alpha is not None:
+                    x += neg_alpha
+            return torch.from_numpy(out)
         else:
             g = (ra.rows()[r_t.to(dev)] @ cb.rows()[c_t.to(dev)].T).cpu()
     finally:
         if threads and threads != n0:
             torch.set_num_threads(n0)
     e = _costs_from_g(g, ra.sq[r_t][:, None], cb.sq[c_t][None, :], metric, ra.dim, inplace=True)
-    if alpha.any():
-        e -= torch.from_numpy(alpha[cols])[None, :]
-    return e
+    if not np.may_share_memory(e.numpy(), out):
+        out[...] = e.numpy()
+    if neg_alpha is not None:
+        out += neg_alpha
+    return torch.from_numpy(out)
 
 
 class _single_thread:
@@ -793,13 +819,20 @@ def _negative_reduced(
     """
     n, m = E.shape
     buf = np.empty((min(chunk, max(n, 1)), m))
+    neg = np.empty(buf.shape, dtype=bool)
     out_r, out_c = [], []
     for i0 in range(0, n, chunk):
         i1 = min(i0 + chunk, n)
         b = buf[: i1 - i0]
         np.subtract(E[i0:i1], u[i0:i1, None], out=b)
         b -= v[None, :]
-        r, c = np.nonzero(b < -tau)
+        x = neg[: i1 - i0]
+        np.less(b, -tau, out=x)
+        # nonzero only where there is something to find: on a clean chunk it cost 5x the
+        # comparison (measured, 0.33 s of 4.9 s at 8,192 x 1,024 with 60 % unpartnered)
+        if not x.any():
+            continue
+        r, c = np.nonzero(x)
         out_r.append(r + i0)
         out_c.append(c)
     if not out_r:
@@ -925,13 +958,23 @@ def _largest_duals_dijkstra(E: np.ndarray, pc: np.ndarray, p: np.ndarray) -> np.
     return np.minimum(final + p - top, 0.0)
 
 
+def _positions(ids: np.ndarray, sub: np.ndarray) -> np.ndarray | None:
+    """Positions of ``sub``'s ids in ``ids`` (both of unique ids, in any order), or None if one
+    is missing."""
+    order = np.argsort(ids, kind="stable")
+    k = np.searchsorted(ids[order], sub)
+    if k.size and (k.max() >= ids.size or not np.array_equal(ids[order[np.minimum(k, ids.size - 1)]], sub)):
+        return None
+    return order[np.minimum(k, max(ids.size - 1, 0))]
+
+
 def _warm_assign(
     E: np.ndarray, R: np.ndarray, C: np.ndarray, prev: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray] | None:
     r"""Optimal assignment of a grown square core from the previous round's, by augmenting paths.
 
     ``prev = (R0, C0, pc0, p0)``: the previous core's rows and columns (subsets of ``R`` and
-    ``C``), its optimal assignment (``pc0[i]`` = position in ``C0`` of row ``R0[i]``'s
+    ``C``; ids in any order, e.g. :class:`_CoreBlock`'s), its optimal assignment (``pc0[i]`` = position in ``C0`` of row ``R0[i]``'s
     column) and Jonker-Volgenant column potentials ``p0`` (:math:`E_{ij} - u_i - p_j \ge 0`,
     equality on the assignment, :math:`u_i = E_{i\,pc(i)} - p_{pc(i)}`). Between rounds
     only a few rows and as many columns join the core, so instead of solving the new core
@@ -945,23 +988,20 @@ def _warm_assign(
     trusts it (the certificate re-checks every core pair).
 
     Returns ``(pc, p)`` for the new core, or None when the previous core is not contained in
-    the new one or more than :data:`_AUGMENT_MAX` rows joined (the caller then solves from
+    the new one or more than :data:`_WARM_MAX` rows joined (the caller then solves from
     scratch).
     """
     R0, C0, pc0, p0 = prev
     n = R.size
-    if n != C.size or R0.size == 0 or R0.size > n or n - R0.size > _AUGMENT_MAX:
+    if n != C.size or R0.size == 0 or R0.size > n or n - R0.size > _WARM_MAX:
         # many new rows: one Dijkstra each in numpy (measured ~10 ms per row at 4,145 rows,
-        # 4 s for the 414 rows of one round) costs more than a fresh sparse solve
+        # 4 s for the 414 rows of one round) costs more than a fresh sparse solve (LAPMOD, about
+        # 0.3 s at 4,189 rows: measured at 8,192 x 1,024, 60 % unpartnered / 0.3, the 44 rows of
+        # the third round took 0.6 s more as augmenting paths than solved afresh)
         return None
-    ir = np.searchsorted(R, R0)
-    ic = np.searchsorted(C, C0)
-    if (
-        ir.max() >= n
-        or ic.max() >= n
-        or not np.array_equal(R[np.minimum(ir, n - 1)], R0)
-        or not np.array_equal(C[np.minimum(ic, n - 1)], C0)
-    ):
+    ir = _positions(R, R0)
+    ic = _positions(C, C0)
+    if ir is None or ic is None:
         return None
     x = np.full(n, -1, dtype=np.int64)  # column of each row
     y = np.full(n, -1, dtype=np.int64)  # row of each column
@@ -1030,42 +1070,91 @@ def _augment_rows(E: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray) ->
     return not (x < 0).any() and np.bincount(x, minlength=n).max() == 1
 
 
-def _grow_block(
-    prev: tuple[np.ndarray, np.ndarray, torch.Tensor] | None,
-    R: np.ndarray,
-    C: np.ndarray,
-    compute: Any,
-) -> torch.Tensor:
-    """``E[R][:, C]``, reusing the entries of the previous round's block ``prev = (R0, C0, E0)``.
+class _CoreBlock:
+    """The core's float64 effective costs ``E[R][:, C]``, grown in place between rounds.
 
-    The core only grows between rounds (rows leave the fixed set, their columns join), so
-    the new block is the old one plus new rows and new columns: only those products are
-    computed (``compute(rows, cols)``). With ``R0`` in ``R`` and ``C0`` in ``C`` (all sorted)
-    the old block keeps its order and is scattered as a whole, in numpy (torch's
-    advanced-index copy took 0.7-1.3 s for a 4,855-square float64 block, measured).
+    The core only grows between rounds (rows leave the fixed set, their columns join). Rows
+    and columns are kept in *arrival order* (the previous round's first, in their order, then
+    the new ones, sorted), so a grown block is the old one plus new rows and new columns, and
+    with spare capacity (``spare`` of the size, at least ``min_spare``, within ``budget``
+    entries) both are written in place: only the new products are computed, nothing is copied
+    and no new block is allocated. Before, each round allocated a new block and scattered the
+    old one into it: at 8,192 x 1,024 with 60 % unpartnered that was three 4,200-4,900-square
+    float64 blocks, 57-60 % of the solver's time (measured; fresh pages cost more than the
+    arithmetic on the benchmark machine). A block that outgrows its capacity moves once into a
+    larger one; one that does not contain the previous core is computed afresh.
+
+    ``compute(rows, cols, out)`` writes ``E[rows][:, cols]`` into the float64 array ``out``.
     """
-    if prev is None or prev[0].size == 0:
-        return compute(R, C)
-    R0, C0, E0 = prev
-    if not (np.isin(R0, R).all() and np.isin(C0, C).all()):
-        return compute(R, C)
-    old_r = np.isin(R, R0)
-    old_c = np.isin(C, C0)
-    ir = np.flatnonzero(old_r)
-    ic = np.flatnonzero(old_c)
-    out = np.empty((R.size, C.size))
-    e0 = E0.numpy()
-    if ic.size == C.size:
-        out[ir] = e0
-    elif ir.size and ic.size:
-        out[np.ix_(ir, ic)] = e0
-    nr = np.flatnonzero(~old_r)
-    nc = np.flatnonzero(~old_c)
-    if nr.size:
-        out[nr] = compute(R[nr], C).numpy()
-    if nc.size and ir.size:
-        out[np.ix_(ir, nc)] = compute(R[ir], C[nc]).numpy()
-    return torch.from_numpy(out)
+
+    def __init__(
+        self,
+        compute: Any,
+        n_rows: int,
+        n_cols: int,
+        budget: float = math.inf,
+        spare: float = 0.125,
+        min_spare: int = 64,
+    ) -> None:
+        self.compute = compute
+        self.n_rows, self.n_cols = n_rows, n_cols
+        self.budget, self.spare, self.min_spare = budget, spare, min_spare
+        self.buf: np.ndarray | None = None
+        self.R = np.zeros(0, dtype=np.int64)
+        self.C = np.zeros(0, dtype=np.int64)
+        self.reallocations = 0  # blocks allocated (for the tests and the benchmark)
+
+    def _alloc(self, r: int, c: int) -> np.ndarray:
+        def cap(size: int, limit: int) -> int:
+            return min(limit, size + max(self.min_spare, int(self.spare * size)))
+
+        cr, cc = cap(r, self.n_rows), cap(c, self.n_cols)
+        if float(cr) * float(cc) > max(self.budget, float(r) * float(c)):
+            cr, cc = r, c  # no room for spare capacity
+        self.reallocations += 1
+        # torch's allocator, not numpy's: numpy advises the kernel to back arrays >= 4 MB with
+        # huge pages, and where it must compact memory to find them (defrag=madvise, a busy
+        # machine) the first touch stalls. Measured over 3 x 3 solves at 8,192 x 1,024: the core
+        # phase took 0.78-2.65 s with numpy's blocks at 60 % unpartnered / 0.8, 0.94-1.05 s
+        # with these (4 kB pages), and the same 0.30-0.44 s either way at 40 %.
+        return torch.empty((cr, cc), dtype=torch.float64).numpy()
+
+    def update(self, R_set: np.ndarray, C_set: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The block for the core rows ``R_set`` and columns ``C_set`` (sorted ids).
+
+        Returns ``(R, C, E)``: the same ids in the block's order and the float64 view
+        ``E[i, j] = e[R[i], C[j]]`` (rows strided by the capacity).
+        """
+        r, c = R_set.size, C_set.size
+        if r == 0:
+            return R_set, C_set, np.zeros((0, c))
+        old_r, old_c = self.R.size, self.C.size
+        grow = (
+            self.buf is not None
+            and old_r + old_c > 0
+            and bool(np.isin(self.R, R_set, assume_unique=True).all())
+            and bool(np.isin(self.C, C_set, assume_unique=True).all())
+        )
+        if not grow:
+            self.buf = self._alloc(r, c)
+            self.R, self.C = R_set.astype(np.int64, copy=True), C_set.astype(np.int64, copy=True)
+            if r and c:
+                self.compute(self.R, self.C, self.buf[:r, :c])
+            return self.R, self.C, self.buf[:r, :c]
+        assert self.buf is not None
+        new_r = R_set[~np.isin(R_set, self.R, assume_unique=True)]
+        new_c = C_set[~np.isin(C_set, self.C, assume_unique=True)]
+        if r > self.buf.shape[0] or c > self.buf.shape[1]:
+            bigger = self._alloc(r, c)
+            bigger[:old_r, :old_c] = self.buf[:old_r, :old_c]
+            self.buf = bigger
+        self.R = np.concatenate([self.R, new_r])
+        self.C = np.concatenate([self.C, new_c])
+        if new_r.size and c:
+            self.compute(new_r, self.C, self.buf[old_r:r, :c])
+        if new_c.size and old_r:
+            self.compute(self.R[:old_r], new_c, self.buf[:old_r, old_c:c])
+        return self.R, self.C, self.buf[:r, :c]
 
 
 def _core_solve(
@@ -1159,7 +1248,12 @@ def _core_solve(
         owner[:] = -1
     eps = 1e-15 * max(float(np.abs(ec).max()) if ec.size else 1.0, 1e-300) + 1e-300
     info.core_rows = []
-    prev_block: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None
+    block = _CoreBlock(
+        lambda rr, cc, o: _eff_block(ra, cb, rr, cc, metric, alpha, mm_threads, kept, out=o),
+        n,
+        m,
+        budget=core_max_entries,
+    )
     prev_sol: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     for rnd in range(1, max_rounds + 1):
         info.rounds = rnd
@@ -1171,19 +1265,8 @@ def _core_solve(
             return None
         # ---- dense exact core ------------------------------------------------------------
         t = time.perf_counter()
-        if not R.size:
-            E = torch.zeros(0, C.size, dtype=torch.float64)
-        elif kept is not None:
-            # release the previous block first: its freed pages are reused at once, fresh ones
-            # cost a page fault each (measured: 0.35 s for a new 3,265-square float64 block)
-            E = E_np = prev_block = None
-            # a gather from the kept products is cheaper than growing the previous block
-            E = _eff_block(ra, cb, R, C, metric, alpha, mm_threads, kept)
-        else:
-            E = _grow_block(
-                prev_block, R, C, lambda rr, cc: _eff_block(ra, cb, rr, cc, metric, alpha, mm_threads)
-            )
-        prev_block = (R, C, E)
+        R, C, E_np = block.update(R, C)  # R, C now in the block's order
+        E = torch.from_numpy(E_np)
         times["core"] += time.perf_counter() - t
         t = time.perf_counter()
         match_col = np.full(n, -1, dtype=np.int64)
@@ -1194,7 +1277,6 @@ def _core_solve(
         pot = None
         largest = False  # whether pot are already the largest feasible duals <= 0
         if R.size:
-            E_np = E.numpy()
             warm = _warm_assign(E_np, R, C, prev_sol) if prev_sol is not None else None
             sp = (
                 _sparse_core_assign(E_np, eps, tau)
