@@ -45,23 +45,23 @@ d. certifies every pair: known edges directly; an excluded pair (i, j) is cleare
    row's bound unless :math:`v_j > \\ell_i - u_i + \\tau`. Sorting the columns by :math:`v`
    makes the columns a row must check exactly a *prefix*; only those products are computed.
    Violations move their rows (and the owners of their columns) into the core and the core
-   is re-solved (reusing the previous round's block: only new rows and columns are
-   multiplied). If the core outgrows ``core_max_entries`` or ``max_rounds`` pass, the
+   is re-solved (the block grows in place, :class:`_CoreBlock`: only new rows and columns
+   are multiplied). If the core outgrows ``core_max_entries`` or ``max_rounds`` pass, the
    general loop above runs. A core above ``_CORE_ALL_SHARE`` (75%) of the rows becomes the
    whole problem.
 
 **Many unpartnered features (issue 18).** With 40% of the features unpartnered, the core
 is the block of unpartnered features against each other: a random assignment problem that
-any exact solver of the full permutation must solve. It stays one square lapjv solve (see
-``docs/decisions.md``, *Sparse solver's dense core*, for the sparse alternative measured).
-Three things keep its cost down. A square core is first solved *sparsely*: LAPMOD on each
+any exact solver of the full permutation must solve. Three things keep its cost down.
+A square core is first solved *sparsely*: LAPMOD on each
 row's 32 cheapest entries, with duals and a dense check that prove the result for the
 whole core (:func:`_sparse_core_assign`; lapjv when the check fails for many rows). When
 the core grows by a few rows between rounds it is not solved again from scratch: the
 previous optimum and its potentials are kept and only the new rows are inserted, one
-shortest augmenting path each (:func:`_warm_assign`). And where ``solver="auto"`` may
-switch a rectangular problem to the dense solver, the main pass *keeps its products*
-(``keep_products``), so that the switch costs no second product.
+shortest augmenting path each (:func:`_warm_assign`). And the core's block is built once
+and grown in place across rounds (:class:`_CoreBlock`). ``solver="auto"`` decides before
+the main pass, from a sample of rows, whether a rectangular problem goes to the dense
+solver instead (:func:`predicted_core_share`).
 When the user gives a threshold, :func:`threshold_match` solves the *thresholded* problem
 instead (every feature may stay unmatched at cost :math:`\\lambda`): only pairs cheaper than
 :math:`\\lambda` can be in its optimum, so that block disappears. ``solver="auto"``
@@ -924,6 +924,72 @@ def _sparse_core_assign(
     return pc, v, False
 
 
+def _dense_core_duals(
+    E: np.ndarray,
+    pc: np.ndarray,
+    e: np.ndarray,
+    eps: float,
+    times: dict[str, float],
+    k: int = 16,
+    chunk: int = 256,
+) -> np.ndarray | None:
+    r"""Largest feasible column duals :math:`v \le 0` of a dense core solved without potentials.
+
+    ``pc[i]`` is row i's column, ``e[i] = E[i, pc[i]]``; the answer is the fixpoint of
+    :math:`v_j \leftarrow \min(v_j, \min_i E_{ij} - u_i)` with :math:`u_i = e_i - v_{pc(i)}`
+    (shortest paths from a virtual source, label correcting: scipy's rectangular solver
+    returns no potentials for Dijkstra). Each dense sweep is one pass over ``E`` in row
+    chunks through a small reused buffer; every fourth, most remaining hops are settled
+    sparsely on each row's ``k`` smallest reduced costs (:func:`_label_correct`), so a few
+    dense sweeps suffice instead of hundreds. The torch version this replaces built two
+    full-size temporaries per sweep (18-29 % of the solver's time on rectangular pairs with
+    25-60 % unpartnered, measured). None if it does not settle.
+    """
+    nr, nc = E.shape
+    tk = min(nc, k)
+    v = np.zeros(nc)
+    buf = np.empty((min(chunk, nr), nc))
+    colmin = np.empty(nc)
+    src = np.repeat(pc, tk)
+    rows = np.repeat(np.arange(nr), tk)
+    sidx = np.empty((nr, tk), dtype=np.int64)
+    for sweep in range(4 * nc + 10):
+        times["sweeps_core_dense"] = times.get("sweeps_core_dense", 0) + 1
+        u = e - v[pc]
+        colmin[:] = np.inf
+        for i0 in range(0, nr, chunk):
+            b = buf[: min(chunk, nr - i0)]
+            np.subtract(E[i0 : i0 + chunk], u[i0 : i0 + chunk, None], out=b)  # v_j may not exceed it
+            np.minimum(colmin, b.min(0), out=colmin)
+        new = np.minimum(v, colmin)
+        if not (new < v - eps).any():
+            return v
+        v = new
+        if sweep % 4 == 0:
+            # each row's tk smallest reduced costs E_ij - v_j (row constants do not change the order)
+            for i0 in range(0, nr, chunk):
+                b = buf[: min(chunk, nr - i0)]
+                np.subtract(E[i0 : i0 + chunk], v[None, :], out=b)
+                sidx[i0 : i0 + chunk] = torch.topk(
+                    torch.from_numpy(b), tk, dim=1, largest=False, sorted=False
+                ).indices.numpy()
+            dst = sidx.reshape(-1)
+            w = E[rows, dst] - e[rows]
+            keep = src != dst
+            vs = _label_correct(
+                torch.from_numpy(v),
+                torch.from_numpy(src[keep]),
+                torch.from_numpy(dst[keep]),
+                torch.from_numpy(w[keep]),
+                eps,
+                "min",
+            )
+            if vs is None:
+                return None
+            v = vs.numpy().copy()
+    return None
+
+
 def _largest_duals_dijkstra(E: np.ndarray, pc: np.ndarray, p: np.ndarray) -> np.ndarray:
     r"""Largest :math:`v \le 0` with :math:`v_j \le v_{pc(i)} + E_{ij} - E_{i\,pc(i)}` on a square core.
 
@@ -1310,41 +1376,12 @@ def _core_solve(
             v[C] = pot if largest else _largest_duals_dijkstra(E_np, pc, pot)
             times["duals_core_dense"] = times.get("duals_core_dense", 0.0) + time.perf_counter() - t_d
         elif R.size:
-            pc_t = torch.from_numpy(pc)
-            eR = torch.from_numpy(e_match[R])
-            # warm start: label-correcting on each core row's cheapest entries only (sparse,
-            # cheap sweeps); it gives an upper bound of the dense answer, which the dense
-            # sweeps below then lower in a few passes instead of hundreds
-            tk = min(C.size, 16)
-            vC = torch.zeros(C.size, dtype=torch.float64)
             t_d = time.perf_counter()
-            for sweep in range(4 * C.size + 10):
-                times["sweeps_core_dense"] = times.get("sweeps_core_dense", 0) + 1
-                uR = eR - vC[pc_t]
-                red = E - uR[:, None]  # v_j may not exceed red_ij
-                new = torch.minimum(vC, red.amin(0))
-                if not bool((new < vC - eps).any()):
-                    break
-                vC = new
-                if sweep % 4 == 0:
-                    # most of the remaining hops run along each row's few smallest reduced
-                    # costs: settle those sparsely (cheap sweeps), then verify densely
-                    red -= vC[None, :]
-                    sidx = torch.topk(red, tk, dim=1, largest=False, sorted=False).indices
-                    s_src = pc_t[:, None].expand_as(sidx).reshape(-1)
-                    s_dst = sidx.reshape(-1)
-                    s_w = (E.gather(1, sidx) - eR[:, None]).reshape(-1)
-                    keep_s = s_src != s_dst
-                    vs = _label_correct(vC, s_src[keep_s], s_dst[keep_s], s_w[keep_s], eps, "min")
-                    if vs is None:
-                        times["duals"] += time.perf_counter() - t
-                        return None
-                    vC = vs
-                del red
-            else:
+            vC = _dense_core_duals(E_np, pc, e_match[R], eps, times)
+            if vC is None:
                 times["duals"] += time.perf_counter() - t
                 return None
-            v[C] = vC.numpy()
+            v[C] = vC
             times["duals_core_dense"] = times.get("duals_core_dense", 0.0) + time.perf_counter() - t_d
         V = float(v.max()) if m else 0.0
         t_f = time.perf_counter()
@@ -2222,12 +2259,15 @@ AUTO_SPARSE_ABOVE = 4096 * 4096
 #: ``solver="auto"`` on a sparse-sized problem: when a sample of rows predicts a rectangular
 #: core (rows without a mutual-best partner, :func:`predicted_core_share`) above this share
 #: of the rows, the dense solver runs instead, before the main pass. Rectangular cores go to
-#: scipy (LAPMOD and lapjv are square-only, no potentials, so label-correcting duals) and
-#: grow over several rounds; measured on unit-vector planted 6,144 x 8,192 pairs
-#: (benchmarks/bench_regimes.py --unit --repeat 3): cores of 18-20 % of the rows at 25 %
-#: unpartnered, sparse 0.5-0.7x dense; 27 % at 40 %, sparse 0.9-1.2x dense; 34-40 % at
-#: 60 %, sparse 1.7-1.8x dense. Square cores (LAPMOD/lapjv) stay sparse.
-AUTO_DENSE_CORE_SHARE = 0.2
+#: scipy (LAPMOD and lapjv are square-only), with label-correcting duals, and grow over
+#: several rounds. Measured on unit-vector planted 6,144 x 8,192 pairs (3 solves each, the
+#: dense baseline 3.1-3.9 s in the same sweep): predicted shares 0.17-0.20 at 25 %
+#: unpartnered, 0.24-0.31 at 40 % (sparse 1.8-2.2 s), 0.30-0.35 at 60 % (sparse 2.2-2.9 s).
+#: At 0.2 the 40 % pairs went dense although sparse was about half as fast as dense there
+#: (since the chunked duals, :func:`_dense_core_duals`); at 0.3 they mostly stay sparse and
+#: the 60 % pairs, where the two are closest, mostly go dense. Square cores (LAPMOD/lapjv)
+#: stay sparse.
+AUTO_DENSE_CORE_SHARE = 0.3
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
 #: available RAM (psutil), whatever the size.

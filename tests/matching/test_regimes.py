@@ -404,3 +404,34 @@ def test_auto_switch_when_a_has_more_features_than_b():
     np.testing.assert_array_equal(perm, pd)
     np.testing.assert_array_equal(np.isnan(cost), np.isnan(cd))
     assert np.nansum(cost) == np.nansum(cd)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 120),
+    extra=st.integers(0, 200),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(n=700, extra=900, ties=False, seed=0)  # several row chunks, a rectangular core's shape
+def test_dense_core_duals_are_the_largest_feasible_duals(n, extra, ties, seed):
+    """_dense_core_duals (chunked dense sweeps with sparse settling) reaches the same fixpoint
+    as plain Bellman-Ford sweeps (tests/_builders.largest_duals_reference) on scipy's optimum
+    of a rectangular or square block, and those duals are feasible for every entry."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    m = n + extra
+    E = rng.integers(0, 3 * m, (n, m)).astype(float) if ties else rng.standard_normal((n, m))
+    r, c = linear_sum_assignment(E)
+    pc = np.empty(n, dtype=np.int64)
+    pc[r] = c
+    e = E[np.arange(n), pc]
+    times: dict[str, float] = {}
+    v = lap._dense_core_duals(E, pc, e, 1e-15, times, chunk=64)
+    assert v is not None
+    ref = largest_duals_reference(E, pc)
+    np.testing.assert_allclose(v, ref, rtol=0, atol=1e-9 * max(1.0, float(np.abs(E).max())))
+    u = e - v[pc]
+    assert (E - u[:, None] - v[None, :]).min() >= -1e-9 * max(1.0, float(np.abs(E).max()))
+    assert v.max() <= 0.0
