@@ -2260,14 +2260,14 @@ AUTO_SPARSE_ABOVE = 4096 * 4096
 #: core (rows without a mutual-best partner, :func:`predicted_core_share`) above this share
 #: of the rows, the dense solver runs instead, before the main pass. Rectangular cores go to
 #: scipy (LAPMOD and lapjv are square-only), with label-correcting duals, and grow over
-#: several rounds. Measured on unit-vector planted 6,144 x 8,192 pairs (3 solves each, the
-#: dense baseline 3.1-3.9 s in the same sweep): predicted shares 0.17-0.20 at 25 %
-#: unpartnered, 0.24-0.31 at 40 % (sparse 1.8-2.2 s), 0.30-0.35 at 60 % (sparse 2.2-2.9 s).
-#: At 0.2 the 40 % pairs went dense although sparse was about half as fast as dense there
-#: (since the chunked duals, :func:`_dense_core_duals`); at 0.3 they mostly stay sparse and
-#: the 60 % pairs, where the two are closest, mostly go dense. Square cores (LAPMOD/lapjv)
-#: stay sparse.
-AUTO_DENSE_CORE_SHARE = 0.3
+#: several rounds. Measured on unit-vector planted 6,144 x 8,192 pairs (benchmarks/
+#: bench_regimes.py --unit --repeat 3, since the chunked duals of :func:`_dense_core_duals`),
+#: sparse against dense in the same run, by unpartnered share (predicted core share):
+#: 40 % (0.24-0.31) 0.51-0.52x, 60 % (0.30-0.35) 0.68-0.73x, 70 % (0.32-0.35) 0.73x,
+#: 80 % (0.36-0.38) 0.80x, 90 % (0.40-0.41) 0.92x. Sparse wins up to about 0.4 and its lead
+#: shrinks towards it, so problems predicted above 0.4 go dense. (At 0.2, before those duals,
+#: the 40-60 % pairs went dense.) Square cores (LAPMOD/lapjv) stay sparse.
+AUTO_DENSE_CORE_SHARE = 0.4
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
 #: available RAM (psutil), whatever the size.

@@ -560,7 +560,7 @@ def match(
         see ``docs/benchmarks.md``), or where the dense float64 matrix would take more than
         25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense. On the
         sparse route, when a sample of 256 rows predicts a rectangular core above
-        ``_lap.AUTO_DENSE_CORE_SHARE`` (30 %) of the rows, the whole problem is solved densely
+        ``_lap.AUTO_DENSE_CORE_SHARE`` (40 %) of the rows, the whole problem is solved densely
         (``sparse_match(auto_dense_share=...)``, issue 18).
     unmatched_above : float, optional
         Every feature of A may stay unmatched (-1) at this fixed cost :math:`\\lambda` (finite).
