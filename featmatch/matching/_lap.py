@@ -694,8 +694,9 @@ def _eff_block(
             g = kept.index_select(0, r_t.to(kept.device)).index_select(1, c_t.to(kept.device)).cpu()
         elif dev.type == "cpu" and metric == "mse":
             # row chunks of the product straight into the float64 block, each turned into costs
-            # while it is in cache: no full-size float32 temporary (its fresh pages and a second
-            # sweep over the block cost 0.1 s of 0.42 s at 3,277 x 3,277, measured)
+            # while it is in cache, and written into the caller's block: no full-size float32
+            # temporary and no second block (measured at 3,277 x 3,277: 0.38 s against 0.49 s
+            # on a process's first call, the same 0.35 s once its memory is warm; bit-identical)
             a_r = ra.rows()[r_t]
             b_t = cb.rows()[c_t].T
             ch = max(1, min(rows.size, 2**21 // max(cols.size, 1)))  # <= 8 MB of float32 per chunk
@@ -2262,9 +2263,10 @@ AUTO_SPARSE_ABOVE = 4096 * 4096
 #: scipy (LAPMOD and lapjv are square-only), with label-correcting duals, and grow over
 #: several rounds. Measured on unit-vector planted 6,144 x 8,192 pairs (benchmarks/
 #: bench_regimes.py --unit --repeat 3, since the chunked duals of :func:`_dense_core_duals`),
-#: sparse against dense in the same run, by unpartnered share (predicted core share):
-#: 40 % (0.24-0.31) 0.51-0.52x, 60 % (0.30-0.35) 0.68-0.73x, 70 % (0.32-0.35) 0.73x,
-#: 80 % (0.36-0.38) 0.80x, 90 % (0.40-0.41) 0.92x. Sparse wins up to about 0.4 and its lead
+#: sparse against dense in the same run (two runs), by unpartnered share (predicted core
+#: share): 40 % (0.24-0.31) 0.51-0.66x, 60 % (0.30-0.35) 0.59-0.73x, 70 % (0.32-0.35)
+#: 0.60-0.73x, 80 % (0.36-0.38) 0.71-0.80x, 90 % (0.40-0.41) 0.92-0.97x. Sparse wins up to
+#: about 0.4 and its lead
 #: shrinks towards it, so problems predicted above 0.4 go dense. (At 0.2, before those duals,
 #: the 40-60 % pairs went dense.) Square cores (LAPMOD/lapjv) stay sparse.
 AUTO_DENSE_CORE_SHARE = 0.4
