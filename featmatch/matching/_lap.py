@@ -2266,9 +2266,8 @@ AUTO_SPARSE_ABOVE = 4096 * 4096
 #: sparse against dense in the same run (two runs), by unpartnered share (predicted core
 #: share): 40 % (0.24-0.31) 0.51-0.66x, 60 % (0.30-0.35) 0.59-0.73x, 70 % (0.32-0.35)
 #: 0.60-0.73x, 80 % (0.36-0.38) 0.71-0.80x, 90 % (0.40-0.41) 0.92-0.97x. Sparse wins up to
-#: about 0.4 and its lead
-#: shrinks towards it, so problems predicted above 0.4 go dense. (At 0.2, before those duals,
-#: the 40-60 % pairs went dense.) Square cores (LAPMOD/lapjv) stay sparse.
+#: about 0.4 and its lead shrinks towards it, so problems predicted above 0.4 go dense. (At
+#: 0.2, before those duals, the 40-60 % pairs went dense.) Square cores stay sparse.
 AUTO_DENSE_CORE_SHARE = 0.4
 
 #: ... and also whenever the dense float64 cost matrix would exceed this share of the
