@@ -657,6 +657,40 @@ def _duals(
 # --------------------------------------------------------------------------------------
 
 
+def _empty_f64(shape: tuple[int, int]) -> np.ndarray:
+    """An uninitialised float64 array from torch's allocator, not numpy's.
+
+    numpy advises the kernel to back arrays >= 4 MB with huge pages, and where it must compact
+    memory to find them (transparent huge pages with ``defrag=madvise``, a busy machine) the
+    first touch stalls. Measured over 3 x 3 solves at 8,192 x 1,024: the core phase took
+    0.78-2.65 s with numpy's blocks at 60 % unpartnered / 0.8, 0.94-1.05 s with torch's (4 kB
+    pages), and the same 0.30-0.44 s either way at 40 %.
+    """
+    return torch.empty(shape, dtype=torch.float64).numpy()
+
+
+def _row_topk(E: np.ndarray, k: int, shift: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """Columns of each row's ``k`` smallest ``E[i, j] - shift[j]`` (unsorted), in row chunks.
+
+    Chunked through one small buffer: ``E`` may be a strided view (:class:`_CoreBlock`), and
+    torch's topk on a whole strided block copies it first. torch's topk returns only the k
+    indices (numpy's argpartition builds an index array of E's size).
+    """
+    n, m = E.shape
+    out = np.empty((n, k), dtype=np.int64)
+    buf = np.empty((min(chunk, max(n, 1)), m))
+    for i0 in range(0, n, chunk):
+        b = buf[: min(chunk, n - i0)]
+        if shift is None:
+            b[...] = E[i0 : i0 + chunk]
+        else:
+            np.subtract(E[i0 : i0 + chunk], shift[None, :], out=b)
+        out[i0 : i0 + chunk] = torch.topk(
+            torch.from_numpy(b), k, dim=1, largest=False, sorted=False
+        ).indices.numpy()
+    return out
+
+
 def _eff_block(
     ra: _Side,
     cb: _Side,
@@ -676,7 +710,7 @@ def _eff_block(
     r_t = torch.from_numpy(rows)
     c_t = torch.from_numpy(cols)
     if out is None:
-        out = np.empty((rows.size, cols.size))
+        out = _empty_f64((rows.size, cols.size))
     neg_alpha = -alpha[cols] if alpha.any() else None
     n0 = torch.get_num_threads()
     if threads and threads != n0:
@@ -879,9 +913,7 @@ def _sparse_core_assign(
     if E.shape[1] != n or k >= n:
         return None
     ar = np.arange(n)
-    # torch's topk returns only the k indices (argpartition builds an n x n index array)
-    cols = torch.topk(torch.from_numpy(E), k, dim=1, largest=False, sorted=False).indices.numpy()
-    cols = np.sort(cols, axis=1).reshape(-1)
+    cols = np.sort(_row_topk(E, k), axis=1).reshape(-1)
     rows = np.repeat(ar, k)
     ii = np.arange(0, n * k + 1, k)
     w = E[rows, cols]
@@ -953,7 +985,6 @@ def _dense_core_duals(
     colmin = np.empty(nc)
     src = np.repeat(pc, tk)
     rows = np.repeat(np.arange(nr), tk)
-    sidx = np.empty((nr, tk), dtype=np.int64)
     for sweep in range(4 * nc + 10):
         times["sweeps_core_dense"] = times.get("sweeps_core_dense", 0) + 1
         u = e - v[pc]
@@ -968,13 +999,7 @@ def _dense_core_duals(
         v = new
         if sweep % 4 == 0:
             # each row's tk smallest reduced costs E_ij - v_j (row constants do not change the order)
-            for i0 in range(0, nr, chunk):
-                b = buf[: min(chunk, nr - i0)]
-                np.subtract(E[i0 : i0 + chunk], v[None, :], out=b)
-                sidx[i0 : i0 + chunk] = torch.topk(
-                    torch.from_numpy(b), tk, dim=1, largest=False, sorted=False
-                ).indices.numpy()
-            dst = sidx.reshape(-1)
+            dst = _row_topk(E, tk, v, chunk).reshape(-1)
             w = E[rows, dst] - e[rows]
             keep = src != dst
             vs = _label_correct(
@@ -1175,7 +1200,7 @@ class _CoreBlock:
         self.buf: np.ndarray | None = None
         self.R = np.zeros(0, dtype=np.int64)
         self.C = np.zeros(0, dtype=np.int64)
-        self.reallocations = 0  # blocks allocated (for the tests and the benchmark)
+        self.reallocations = 0  # blocks allocated (checked by the tests)
 
     def _alloc(self, r: int, c: int) -> np.ndarray:
         def cap(size: int, limit: int) -> int:
@@ -1185,12 +1210,7 @@ class _CoreBlock:
         if float(cr) * float(cc) > max(self.budget, float(r) * float(c)):
             cr, cc = r, c  # no room for spare capacity
         self.reallocations += 1
-        # torch's allocator, not numpy's: numpy advises the kernel to back arrays >= 4 MB with
-        # huge pages, and where it must compact memory to find them (defrag=madvise, a busy
-        # machine) the first touch stalls. Measured over 3 x 3 solves at 8,192 x 1,024: the core
-        # phase took 0.78-2.65 s with numpy's blocks at 60 % unpartnered / 0.8, 0.94-1.05 s
-        # with these (4 kB pages), and the same 0.30-0.44 s either way at 40 %.
-        return torch.empty((cr, cc), dtype=torch.float64).numpy()
+        return _empty_f64((cr, cc))
 
     def update(self, R_set: np.ndarray, C_set: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The block for the core rows ``R_set`` and columns ``C_set`` (sorted ids).
