@@ -108,6 +108,23 @@ def feature_vectors(
     return torch.cat(parts, dim=1).to(torch.float32).contiguous()
 
 
+def mse_from_products_(x: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray, dim: int) -> np.ndarray:
+    r"""Overwrite float64 inner products with MSE costs, in place: :math:`\max((|a|^2 + |b|^2 -
+    2\,a\cdot b)/D, 0)` (``sq_a``, ``sq_b`` broadcast against ``x``).
+
+    The one definition of these float64 operations and their order, shared by
+    :func:`pairwise_cost` and the sparse matcher, so that both give the same numbers from the
+    same products. In numpy: its in-place broadcasts were measured ~5x faster than torch's
+    single-threaded ones here.
+    """
+    x *= -2.0
+    x += sq_a
+    x += sq_b
+    x /= dim
+    np.maximum(x, 0.0, out=x)
+    return x
+
+
 def pairwise_cost(
     x_a: torch.Tensor, x_b: torch.Tensor, metric: Metric = "mse", block_size: int = 2048
 ) -> np.ndarray:
@@ -171,11 +188,7 @@ def pairwise_cost(
             torch.mm(a32[i0:i1], b32_t, out=g32)
             o = out[i0:i1]
             o[...] = g32.numpy()
-            o *= -2.0
-            o += na_np[i0:i1, None]
-            o += nb_np[None, :]
-            o /= d
-            np.maximum(o, 0.0, out=o)
+            mse_from_products_(o, na_np[i0:i1, None], nb_np[None, :], d)
             continue
         g = (a32[i0:i1] @ b32_t).double()
         denom = ra[i0:i1, None] * rb[None, :]

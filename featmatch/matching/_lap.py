@@ -161,7 +161,16 @@ import numpy as np
 import psutil
 import torch
 
-from featmatch.matching._costs import METRICS, U32, Metric, assign, check_option, gamma, pairwise_cost
+from featmatch.matching._costs import (
+    METRICS,
+    U32,
+    Metric,
+    assign,
+    check_option,
+    gamma,
+    mse_from_products_,
+    pairwise_cost,
+)
 
 __all__ = [
     "sparse_match",
@@ -363,12 +372,7 @@ def _costs_from_g(
         # in place on one float64 copy, in numpy: the same correctly rounded operations in the
         # same order (so the same numbers), 1.7x faster than torch's on one thread (measured)
         x = g.numpy() if inplace and g.dtype == torch.float64 else g.numpy().astype(np.float64)
-        x *= -2.0
-        x += sq_a.numpy()
-        x += sq_b.numpy()
-        x /= dim
-        np.maximum(x, 0.0, out=x)
-        return torch.from_numpy(x)
+        return torch.from_numpy(mse_from_products_(x, sq_a.numpy(), sq_b.numpy(), dim))
     if metric == "mse":
         g = g.to(torch.float64, copy=True)
         return g.mul_(-2.0).add_(sq_a).add_(sq_b).div_(dim).clamp_(min=0.0)
