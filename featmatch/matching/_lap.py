@@ -189,6 +189,7 @@ _LAPJV_MIN = 256  # square cores from this size go to lapjv (below it both solve
 _SPARSE_CORE_K = 32  # entries per row of a square core's sparse graph (LAPMOD first, lapjv if it fails)
 _AUGMENT_MAX = 64  # at most this many rows failing the sparse core's check are repaired by augmenting paths
 _WARM_MAX = 16  # a grown square core is warm-started when at most this many rows joined (else solved afresh)
+_KEEP_RHO = 5.0  # the main pass keeps a row's products when (s1 - s2) <= _KEEP_RHO (s2 - s_k) (_KeptRows)
 
 
 def default_block_size(n_cols: int, n_rows: int | None = None) -> int:
@@ -256,7 +257,10 @@ class SparseMatchInfo:
     weak_moved : int
         Mutual-best pairs moved into the core up front as weak (see :func:`_core_solve`).
     products_kept : bool
-        Whether the main pass kept its products (``keep_products``) for the later phases.
+        Whether the main pass kept all its products (``keep_products=True``).
+    rows_kept : int
+        Rows whose products the main pass kept for the later phases (all of them with
+        ``keep_products=True``; by default those predicted to join the core, :class:`_KeptRows`).
     predicted_core_share : float
         ``auto_dense_share``'s estimate (:func:`predicted_core_share`); NaN when not made.
     """
@@ -279,6 +283,7 @@ class SparseMatchInfo:
     core_solver: str = ""
     weak_moved: int = 0
     products_kept: bool = False
+    rows_kept: int = 0
     predicted_core_share: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
@@ -302,6 +307,7 @@ class SparseMatchInfo:
             "core_solver": self.core_solver,
             "weak_moved": self.weak_moved,
             "products_kept": self.products_kept,
+            "rows_kept": self.rows_kept,
             "predicted_core_share": self.predicted_core_share,
         }
 
@@ -446,6 +452,66 @@ def _envelope_min(bounds: _RowBounds, v: np.ndarray) -> np.ndarray:
     return hy[idx] - np.where(x_at == 0, 0.0, bounds.sigma * np.where(x_at == 0, 1.0, x_at))
 
 
+class _KeptRows:
+    r"""The main pass's float32 products of some rows (all of them, or the predicted core's).
+
+    The later phases gather these rows' numbers instead of multiplying them again
+    (:func:`_eff_block`, :func:`_full_rows`); rows without a slot are multiplied afresh.
+
+    * ``predict=False`` (``keep_products=True``): every row, ``slot[i] = i``.
+    * ``predict=True`` (the default on the CPU): the rows likely to join the core of
+      :func:`_core_solve`, predicted in the pass from each row's top-k scores
+      :math:`s_1 \ge s_2 \ge \dots \ge s_k` (the candidate key, in cost order): the row is
+      kept when :math:`s_1 - s_2 \le \rho\,(s_2 - s_k)`, :math:`\rho` = :data:`_KEEP_RHO`.
+      A row with a partner stands out from its other candidates (:math:`s_1 - s_2` is many
+      times the spread of the next ones); a row without one sits in the tail of a random
+      row's maxima, where consecutive spacings are alike (an extreme-value tail:
+      :math:`E[s_j - s_{j+1}] \approx \beta/j`, so :math:`(s_1-s_2)/(s_2-s_{16}) \approx
+      0.43` on average, and above 5 with probability :math:`\approx e^{-11.5}`). The ratio
+      is scale-free. Measured on the unit-vector planted pairs of ``bench_regimes`` at
+      8,192 x 1,024 (10/40/60 % unpartnered, noise 0.3/0.8): the kept rows covered every
+      core's rows; at most 10 % of them were not in the core (40 %/0.3: 3,277 kept, 2,962 in
+      the core, the others unpartnered rows in chance mutual-best pairs); with no unpartnered
+      features no row was kept. Rows beyond ``capacity`` are not kept.
+
+    Only speed depends on the prediction: a kept row's numbers are the pass's own products
+    (those the candidates and bounds are made of), a row without a slot is multiplied
+    again, as without keeping. The store is allocated uninitialised at its capacity, so only
+    the rows written to cost memory.
+    """
+
+    def __init__(self, n: int, m: int, device: torch.device, capacity: int, predict: bool) -> None:
+        self.predict = predict
+        self.store = torch.empty(n if not predict else capacity, m, device=device, dtype=torch.float32)
+        self.slot = np.arange(n, dtype=np.int64) if not predict else np.full(n, -1, dtype=np.int64)
+        self.used = 0 if predict else n
+
+    @property
+    def full(self) -> bool:
+        """Every row kept (in row order)."""
+        return not self.predict
+
+    def offer(self, i0: int, g: torch.Tensor, kv: torch.Tensor) -> None:
+        """Keep the rows ``i0 + t`` of the block ``g`` whose top-k scores ``kv`` predict the core."""
+        room = self.store.shape[0] - self.used
+        if room <= 0 or kv.shape[1] < 3:
+            return
+        s12 = torch.topk(kv, 2, dim=1, largest=True, sorted=True).values
+        sk = kv.amin(1)
+        sel = torch.nonzero(s12[:, 0] - s12[:, 1] <= _KEEP_RHO * (s12[:, 1] - sk)).flatten()[:room]
+        if sel.numel() == 0:
+            return
+        u0, u1 = self.used, self.used + sel.numel()
+        torch.index_select(g, 0, sel, out=self.store[u0:u1])
+        self.slot[i0 + sel.cpu().numpy()] = np.arange(u0, u1)
+        self.used = u1
+
+    def slots(self, rows: np.ndarray) -> np.ndarray | None:
+        """The slots of ``rows``, or None unless every one of them is kept."""
+        s = self.slot[rows]
+        return s if rows.size and bool((s >= 0).all()) else None
+
+
 def _candidate_pass(
     ra: _Side,
     sb: _Side,
@@ -453,13 +519,13 @@ def _candidate_pass(
     k: int,
     block_size: int,
     square_mse: bool,
-    keep: torch.Tensor | None = None,
+    keep: _KeptRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, _RowBounds]:
     r"""The k best columns of every row, their float64 costs, and bounds on all other columns.
 
-    With ``keep`` (an ``(n, m)`` float32 tensor on the device), every block's products are
-    written into it and kept: the later phases then gather their numbers from it instead of
-    multiplying again (:func:`_keep_products`).
+    With ``keep`` (:class:`_KeptRows`), every block's products are written into it (all
+    rows), or the rows it predicts to join the core are copied into it: the later phases
+    then gather their numbers instead of multiplying again (:func:`_keep_products`).
 
     The candidate costs are :func:`_costs_from_g` (pairwise_cost's float64 arithmetic) of
     *this pass's* float32 products ``G = A_blk @ B^T`` (row blocks of ``block_size``
@@ -497,7 +563,8 @@ def _candidate_pass(
     inv_b32 = inv_b.to(dev, torch.float32)
     half_sq32 = (sb.sq / 2).to(dev, torch.float32)
     bs = max(1, min(block_size, n))
-    gbuf = torch.empty(bs, m, device=dev, dtype=torch.float32) if keep is None else None
+    keep_all = keep is not None and keep.full
+    gbuf = None if keep_all else torch.empty(bs, m, device=dev, dtype=torch.float32)
     sbuf = torch.full((bs, m_pad), -float("inf"), device=dev, dtype=torch.float32)
     offs = torch.arange(c, device=dev)
     cols_out = torch.empty(n, k, dtype=torch.int64)
@@ -506,7 +573,7 @@ def _candidate_pass(
     for i0 in range(0, n, bs):
         i1 = min(i0 + bs, n)
         r = i1 - i0
-        g = gbuf[:r] if keep is None else keep[i0:i1]
+        g = keep.store[i0:i1] if keep_all else gbuf[:r]
         torch.mm(a_rows[i0:i1], bt, out=g)
         score = sbuf[:r]
         if square_mse:
@@ -530,6 +597,8 @@ def _candidate_pass(
         else:
             top = torch.topk(score[:, :m], k, dim=1, largest=True, sorted=False)
             cols, kv = top.indices, top.values
+        if keep is not None and not keep_all:
+            keep.offer(i0, g, kv)
         cols_out[i0:i1] = cols.cpu()
         g_out[i0:i1] = g.gather(1, cols).cpu()
         score_k[i0:i1] = kv.amin(1).double().cpu()
@@ -559,12 +628,14 @@ def _candidate_pass(
 
 
 def _full_rows(
-    ra: _Side, sb: _Side, rows: torch.Tensor, metric: str, kept: torch.Tensor | None = None
+    ra: _Side, sb: _Side, rows: torch.Tensor, metric: str, kept: _KeptRows | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 costs ``(r, m)`` and the float32 products of whole rows (for the recheck);
-    gathered from the main pass's ``kept`` products when given."""
-    if kept is not None:
-        g = kept.index_select(0, rows.to(kept.device)).cpu()
+    gathered from the main pass's ``kept`` products when all of these rows were kept."""
+    slots = kept.slots(rows.numpy()) if kept is not None else None
+    if slots is not None:
+        assert kept is not None
+        g = kept.store.index_select(0, torch.from_numpy(slots).to(kept.store.device)).cpu()
     else:
         g = (ra.rows()[rows.to(ra.device)] @ sb.cols_t()).cpu()
     return _costs_from_g(g, ra.sq[rows][:, None], sb.sq[None, :], metric, ra.dim), g
@@ -703,33 +774,44 @@ def _eff_block(
     metric: str,
     alpha: np.ndarray,
     threads: int = 0,
-    kept: torch.Tensor | None = None,
+    kept: _KeptRows | None = None,
     out: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Effective costs ``C[rows][:, cols] - alpha[cols]`` (float64, CPU) from one float32 product
     (run on ``threads`` intra-op threads when given), or gathered from the main pass's ``kept``
-    products (the same numbers as the candidates and the bounds). Written into ``out`` (a
-    float64 array of that shape, e.g. a view into :class:`_CoreBlock`'s buffer) when given."""
+    products (the same numbers as the candidates and the bounds) for the rows kept there.
+    Written into ``out`` (a float64 array of that shape, e.g. a view into
+    :class:`_CoreBlock`'s buffer) when given."""
+    if out is None:
+        out = _empty_f64((rows.size, cols.size))
+    slots = kept.slots(rows) if kept is not None else None
+    if kept is not None and slots is None:
+        # some rows kept, some not: each part by its own route, then scattered into ``out``
+        have = kept.slot[rows] >= 0
+        for part, src in ((have, kept), (~have, None)):
+            if part.any():
+                idx = np.flatnonzero(part)
+                out[idx] = _eff_block(ra, cb, rows[idx], cols, metric, alpha, threads, src).numpy()
+        return torch.from_numpy(out)
     dev = ra.device
     r_t = torch.from_numpy(rows)
     c_t = torch.from_numpy(cols)
-    if out is None:
-        out = _empty_f64((rows.size, cols.size))
     neg_alpha = -alpha[cols] if alpha.any() else None
     n0 = torch.get_num_threads()
     if threads and threads != n0:
         torch.set_num_threads(threads)
     try:
-        if kept is not None and kept.device.type == "cpu":
+        if kept is not None and slots is not None and kept.store.device.type == "cpu":
             # numpy's fancy indexing (2-3x faster than two index_selects, measured at 3,265^2 of
             # 8,192^2), in row chunks straight into the float64 block (float32 -> float64 is
             # exact): no full-size float32 temporary, whose fresh pages cost more than the copy
-            kn = kept.numpy()
+            kn = kept.store.numpy()
             for i0 in range(0, rows.size, 256):
-                out[i0 : i0 + 256] = kn[np.ix_(rows[i0 : i0 + 256], cols)]
+                out[i0 : i0 + 256] = kn[np.ix_(slots[i0 : i0 + 256], cols)]
             g = torch.from_numpy(out)
-        elif kept is not None:
-            g = kept.index_select(0, r_t.to(kept.device)).index_select(1, c_t.to(kept.device)).cpu()
+        elif kept is not None and slots is not None:
+            dv = kept.store.device
+            g = kept.store.index_select(0, torch.from_numpy(slots).to(dv)).index_select(1, c_t.to(dv)).cpu()
         elif dev.type == "cpu" and metric == "mse":
             # row chunks of the product straight into the float64 block, each turned into costs
             # while it is in cache, and written into the caller's block: no full-size float32
@@ -1269,7 +1351,7 @@ def _core_solve(
     times: dict[str, float],
     mm_threads: int = 0,
     weak_pairs: bool = True,
-    kept: torch.Tensor | None = None,
+    kept: _KeptRows | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     r"""Exact assignment with a certificate, fast when most features have an obvious partner.
 
@@ -1533,32 +1615,37 @@ def _core_budget(core_max_entries: float | None) -> float:
     return max(1e6, 0.1 * float(psutil.virtual_memory().available) / 8.0)
 
 
-#: Keep the main pass's float32 products (``4 F_A F_B`` bytes) when they take at most this
-#: much memory and at most :data:`KEEP_PRODUCTS_RAM_SHARE` of the available RAM (CPU only).
+#: The main pass keeps float32 products (``4 F_B`` bytes per row) of at most this much memory
+#: and at most :data:`KEEP_PRODUCTS_RAM_SHARE` of the available RAM.
 KEEP_PRODUCTS_MAX_BYTES = 2 * 2**30
 KEEP_PRODUCTS_RAM_SHARE = 0.25
 
 
-def _keep_products(n: int, m: int, device: torch.device, keep: bool | None) -> bool:
-    """Whether the main pass keeps its products (``keep``: the user's choice; None: no).
+def _keep_products(n: int, m: int, device: torch.device, keep: bool | None) -> _KeptRows | None:
+    """What the main pass keeps of its products (``keep``: the user's choice).
 
-    Kept products cost one float32 matrix, written once, and save every later product: the
-    core block, the prefix and row rechecks, and the dense fallback. Not by default: the
-    later products are small (the core of 3,277 rows at 8,192 x 1,024 took 0.2-0.3 s to
-    multiply, 0.13 s to gather), while first touching the kept matrix added 0.35 s to the
-    pass at 8,192 x 8,192 and 1-2 s at 16,384 x 16,384 (page faults on the benchmark
-    machine), and the sweep of ``benchmarks/bench_regimes.py`` showed no regime where
-    keeping them was faster beyond its run-to-run spread. ``True`` keeps them (CPU or GPU)
-    when :data:`KEEP_PRODUCTS_MAX_BYTES` and :data:`KEEP_PRODUCTS_RAM_SHARE` of the
-    available RAM allow.
+    * ``True``: every row (CPU or GPU), when all ``4 n m`` bytes fit within
+      :data:`KEEP_PRODUCTS_MAX_BYTES` and :data:`KEEP_PRODUCTS_RAM_SHARE` of the available
+      RAM; else nothing. Saves every later product: the core block, the prefix and row
+      rechecks, and the dense fallback.
+    * ``None`` (default): on the CPU, the rows predicted to join the core
+      (:class:`_KeptRows`), as many as fit within the same limits; on a GPU nothing.
+    * ``False``: nothing; every later number is multiplied again.
+
+    Why the prediction by default: keeping *every* row was not faster. At 8,192 x 1,024 the
+    core's 3,277 rows took 0.2-0.3 s to multiply and 0.13 s to gather, while first touching
+    the whole kept matrix added 0.35 s to the pass at 8,192 x 8,192 and 1-2 s at
+    16,384 x 16,384 (page faults on the benchmark machine). Keeping only the rows that will
+    be multiplied again costs their share of that (none when every row has a clear partner)
+    and saves the core's product. Measurements: docs/benchmarks.md, section bench_regimes.
     """
-    if not keep:
-        return False
-    need = 4.0 * n * m
-    return (
-        need <= KEEP_PRODUCTS_MAX_BYTES
-        and need <= KEEP_PRODUCTS_RAM_SHARE * psutil.virtual_memory().available
-    )
+    if keep is False or device.type != "cpu" and keep is None:
+        return None
+    limit = min(KEEP_PRODUCTS_MAX_BYTES, KEEP_PRODUCTS_RAM_SHARE * psutil.virtual_memory().available)
+    if keep:
+        return _KeptRows(n, m, device, n, predict=False) if 4.0 * n * m <= limit else None
+    capacity = min(n, int(limit // (4.0 * max(m, 1))))
+    return _KeptRows(n, m, device, capacity, predict=True) if capacity > 0 else None
 
 
 #: Rows sampled by :func:`predicted_core_share` (``solver="auto"``'s rectangular switch).
@@ -1680,11 +1767,13 @@ def sparse_match(
         matrix fits, solve the whole problem densely instead (``info.fallback ==
         "auto-dense"``, ``info.path == "dense"``); None (default) never switches.
     keep_products : bool, optional
-        Keep the main pass's float32 products (:math:`4F_AF_B` bytes) and gather the core,
-        the rechecks and any dense solve from them instead of multiplying again; every
-        number the certificate uses then comes from one product per pair; only when they
-        take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB) and a quarter of the available
-        RAM. Default (None): not kept (see :func:`_keep_products` for the measurements).
+        What the main pass keeps of its float32 products, so that later phases (the core, the
+        rechecks, a dense solve) gather them instead of multiplying again. ``True``: all of
+        them (:math:`4F_AF_B` bytes; every number the certificate uses then comes from one
+        product per pair), when they take at most :data:`KEEP_PRODUCTS_MAX_BYTES` (2 GiB) and
+        a quarter of the available RAM. Default (None): on the CPU, only the rows predicted
+        to join the core (``info.rows_kept``; :class:`_KeptRows`), within the same limits.
+        ``False``: none. Only speed depends on this (see :func:`_keep_products`).
 
     Returns
     -------
@@ -1809,13 +1898,10 @@ def _sparse_match_sides(
     # ---- phase 1: one blocked pass ------------------------------------------------
     t = time.perf_counter()
     square_mse = metric == "mse" and n == m
-    kept = (
-        torch.empty(n, m, device=ra.device, dtype=torch.float32)
-        if _keep_products(n, m, ra.device, keep_products)
-        else None
-    )
-    info.products_kept = kept is not None
+    kept = _keep_products(n, m, ra.device, keep_products)
+    info.products_kept = kept is not None and kept.full
     cols, costs, bounds = _candidate_pass(ra, cb, metric, info.k, bs, square_mse, kept)
+    info.rows_kept = kept.used if kept is not None else 0
     kk = cols.shape[1]
     e_row = np.repeat(np.arange(n, dtype=np.int64), kk)
     e_col = cols.numpy().reshape(-1).astype(np.int64)
@@ -2005,11 +2091,12 @@ def _sparse_match_sides(
         info.gap_bound = float(n * tau)
     elif dense_fallback and _dense_fits(n, m, dense_max_bytes):
         t = time.perf_counter()
-        if kept is not None:
+        if kept is not None and kept.full:
             # the main pass's products, with pairwise_cost's arithmetic (no second product)
-            full = _costs_from_g(kept, ra.sq[:, None], cb.sq[None, :], metric, ra.dim).numpy()
+            full = _costs_from_g(kept.store, ra.sq[:, None], cb.sq[None, :], metric, ra.dim).numpy()
             kept = None
         else:
+            kept = None  # free the kept rows before the dense matrix
             full = pairwise_cost(ra.x, cb.x, metric=metric, block_size=bs)
         perm_r, cost_r = assign(full)
         del full

@@ -267,14 +267,14 @@ def test_warm_assign_reaches_the_optimum_of_the_grown_core(n, grow, ties, shuffl
     assert lap._warm_assign(E[:2, :2], R[:2], C[:2], (R[keep_r], C[keep_c], pc0, p0)) is None
 
 
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep", [True, False, None])
 def test_grown_square_cores_are_warm_started_and_optimal(keep):
     """A unit-vector planted pair with 40 % unpartnered features, without the weak-pair rule,
     grows its core over two or more rounds; the later rounds are warm-started, with products
     kept or recomputed, and the result is the dense optimum."""
     a, b, _ = planted_vectors(2048, 128, 0, unmatched=0.4, noise=0.8, unit=True)
     perm, cost, info = lap.sparse_match(a, b, return_info=True, keep_products=keep, weak_pairs=False)
-    assert info.products_kept is keep
+    assert info.products_kept is (keep is True)
     assert info.certified and info.path == "core"
     assert info.rounds >= 2 and min(info.core_rows) >= lap._LAPJV_MIN, info.core_rows
     assert info.core_solver in ("lapmod+augment", "lapjv+augment")
@@ -293,9 +293,12 @@ def test_kept_products_give_the_same_result(n, m, metric):
     a, b = a[:n].contiguous(), b[:m].contiguous()
     p1, c1, i1 = lap.sparse_match(a, b, metric=metric, return_info=True, keep_products=True)
     p2, c2, i2 = lap.sparse_match(a, b, metric=metric, return_info=True, keep_products=False)
-    assert (i1.products_kept, i2.products_kept) == (True, False)
-    assert i1.certified and i2.certified
+    p3, c3, i3 = lap.sparse_match(a, b, metric=metric, return_info=True)  # the predicted rows
+    assert (i1.products_kept, i2.products_kept, i3.products_kept) == (True, False, False)
+    assert (i1.rows_kept, i2.rows_kept) == (min(n, m), 0) and 0 < i3.rows_kept <= min(n, m)
+    assert i1.certified and i2.certified and i3.certified
     np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(p1, p3)
     ok = p1 >= 0
     full = pairwise_cost(a, b, metric=metric)
     delta = rounding_bound(a, b, metric)
@@ -367,14 +370,68 @@ def test_square_cores_without_lap_use_lapjv(monkeypatch):
 
 
 def test_products_are_kept_only_when_asked_and_within_the_memory_limit(monkeypatch):
-    """keep_products: not by default; True keeps them unless they exceed the memory limit."""
-    a, b, _ = planted_vectors(400, 16, 2, unmatched=0.6, noise=0.8)
+    """keep_products: all of them only when asked (True) and within the memory limit; by
+    default the predicted rows, as many as the limit allows; False none."""
+    a, b, _ = planted_vectors(400, 128, 2, unmatched=0.6, noise=0.3, unit=True)
     rect = a[:300].contiguous()
-    assert not lap.sparse_match(a, b, return_info=True)[2].products_kept
-    assert not lap.sparse_match(rect, b, return_info=True)[2].products_kept
+    for x in (a, rect):
+        info = lap.sparse_match(x, b, return_info=True)[2]
+        assert not info.products_kept and 0 < info.rows_kept < x.shape[0]
+        assert lap.sparse_match(x, b, return_info=True, keep_products=False)[2].rows_kept == 0
     assert lap.sparse_match(rect, b, return_info=True, keep_products=True)[2].products_kept
-    monkeypatch.setattr(lap, "KEEP_PRODUCTS_MAX_BYTES", 1000)
+    monkeypatch.setattr(lap, "KEEP_PRODUCTS_MAX_BYTES", 4 * 400 * 10)  # ten rows of B's width
     assert not lap.sparse_match(rect, b, return_info=True, keep_products=True)[2].products_kept
+    info = lap.sparse_match(rect, b, return_info=True)[2]
+    assert info.rows_kept == 10 and info.certified
+
+
+def test_kept_rows_are_the_rows_without_a_partner():
+    """The main pass's prediction (:class:`_KeptRows`) on planted truth: at 2,048 x 512 unit
+    vectors with 40 % unpartnered features (noise 0.8/sqrt(d)), it keeps every unpartnered
+    row and almost no partnered one; with no unpartnered features (noise 0.3) it keeps none.
+    (At d = 128 the random rows' top scores spread as far as a partner's lead over them, and
+    a third of the partnered rows are kept too: a cost in memory, not in results.)"""
+    for unp, noise in ((0.4, 0.8), (0.0, 0.3)):
+        a, b, truth = planted_vectors(2048, 512, 3, unmatched=unp, noise=noise, unit=True)
+        sa, sb = lap._Side(a, torch.device("cpu")), lap._Side(b, torch.device("cpu"))
+        kept = lap._keep_products(2048, 2048, torch.device("cpu"), None)
+        assert kept is not None and not kept.full
+        lap._candidate_pass(sa, sb, "mse", 16, 512, True, kept)
+        is_kept = kept.slot >= 0
+        assert kept.used == is_kept.sum()
+        assert is_kept[truth < 0].all()
+        assert is_kept[truth >= 0].mean() <= 0.01
+        # each kept row holds the pass's float32 products of that row
+        rows = np.flatnonzero(is_kept)[:50]
+        if rows.size:
+            ref = a[torch.from_numpy(rows)] @ b.T
+            got = kept.store[torch.from_numpy(kept.slot[rows])]
+            assert torch.allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def test_eff_block_gathers_kept_rows_and_multiplies_the_others():
+    """With some rows kept, ``_eff_block`` takes those rows' numbers from the store and
+    multiplies the others afresh. The store is offset by -1 so the two routes differ."""
+    a, b, _ = planted_vectors(64, 8, 4, unmatched=0.5, noise=0.8)
+    sa, sb = lap._Side(a, torch.device("cpu")), lap._Side(b, torch.device("cpu"))
+    kept = lap._KeptRows(64, 64, torch.device("cpu"), 64, predict=True)
+    rows_k = np.arange(0, 64, 3)
+    kept.store[: rows_k.size] = (a[torch.from_numpy(rows_k)] @ b.T) - 1.0
+    kept.slot[rows_k] = np.arange(rows_k.size)
+    kept.used = rows_k.size
+    rows = np.array([5, 3, 9, 10, 0, 63, 2], dtype=np.int64)
+    cols = np.array([7, 1, 40, 2], dtype=np.int64)
+    alpha = np.zeros(64)
+    got = lap._eff_block(sa, sb, rows, cols, "mse", alpha, kept=kept).numpy()
+    fresh = lap._eff_block(sa, sb, rows, cols, "mse", alpha).numpy()
+    shifted = fresh + 2.0 / a.shape[1]  # mse = (|a|^2 + |b|^2 - 2 g)/D with g - 1
+    is_k = np.isin(rows, rows_k)
+    np.testing.assert_allclose(got[is_k], shifted[is_k], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got[~is_k], fresh[~is_k])
+    # every row kept: all gathered
+    got_k = lap._eff_block(sa, sb, rows_k[:4], cols, "mse", alpha, kept=kept).numpy()
+    fresh_k = lap._eff_block(sa, sb, rows_k[:4], cols, "mse", alpha).numpy()
+    np.testing.assert_allclose(got_k, fresh_k + 2.0 / a.shape[1], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("unp", "n"), [(0.1, 600), (0.4, 600), (0.6, 600), (0.6, 200)])
