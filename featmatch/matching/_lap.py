@@ -326,9 +326,11 @@ class _Side:
         self.x = (
             x.detach().to("cpu", torch.float32).contiguous()
         )  # the vectors whose products define the cost
-        # float64 squared norms, as pairwise_cost (in row chunks: no full float64 copy)
+        # float64 squared norms, as pairwise_cost (each row's sum alike, measured bit-equal), in
+        # row chunks of 1,024: no full float64 copy, and the allocator reuses one chunk's pages
+        # (8,192-row chunks took 0.20 s at 16,384 x 2,304, 1,024-row ones 0.03-0.04 s)
         self.sq = (
-            torch.cat([self.x[i : i + 8192].double().pow_(2).sum(1) for i in range(0, self.x.shape[0], 8192)])
+            torch.cat([self.x[i : i + 1024].double().pow_(2).sum(1) for i in range(0, self.x.shape[0], 1024)])
             if self.x.shape[0]
             else torch.zeros(0, dtype=torch.float64)
         )
