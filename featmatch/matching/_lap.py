@@ -58,8 +58,10 @@ row's 32 cheapest entries, with duals and a dense check that prove the result fo
 whole core (:func:`_sparse_core_assign`; lapjv when the check fails for many rows). When
 the core grows by a few rows between rounds it is not solved again from scratch: the
 previous optimum and its potentials are kept and only the new rows are inserted, one
-shortest augmenting path each (:func:`_warm_assign`). And the core's block is built once
-and grown in place across rounds (:class:`_CoreBlock`). ``solver="auto"`` decides before
+shortest augmenting path each (:func:`_warm_assign`). The core's block is built once
+and grown in place across rounds (:class:`_CoreBlock`), and its rows' products are not
+multiplied a second time: the main pass keeps the rows it predicts to join the core (no
+candidate stands out, :class:`_KeptRows`) and the block is gathered from them. ``solver="auto"`` decides before
 the main pass, from a sample of rows, whether a rectangular problem goes to the dense
 solver instead (:func:`predicted_core_share`).
 When the user gives a threshold, :func:`threshold_match` solves the *thresholded* problem
@@ -76,8 +78,9 @@ candidate key is then a per-row monotone transform of the cost, so a single scal
 Rounding: which numbers are certified. Every cost the solver uses is
 :func:`featmatch.matching.pairwise_cost`'s float64 formula applied to a float32 inner
 product of the same two vectors, but the products come from separate BLAS calls: the main
-pass's row blocks (candidates, and the bounds :math:`\\ell_i` on the pairs it excludes), the
-dense core block, the prefix rechecks and the general loop's row rechecks. A BLAS picks its
+pass's row blocks (candidates, and the bounds :math:`\\ell_i` on the pairs it excludes; the
+kept rows, :class:`_KeptRows`, are these same numbers), the dense core block (for rows not
+kept), the prefix rechecks and the general loop's row rechecks. A BLAS picks its
 kernel, and so the rounding of a float32 sum, by the block's shape, the thread count and
 the instruction set, so these products, and ``pairwise_cost``'s own, may differ in the last
 bits: by at most :math:`2\\gamma_D\\|a_i\\|\\|b_j\\|` each
