@@ -476,8 +476,9 @@ class _KeptRows:
       has probability roughly :math:`e^{-11.5}`). The ratio is scale-free, not
       dimension-free: a partner's lead must exceed 5 tail spacings, which shrink as
       :math:`1/\sqrt{D}` for random directions (at :math:`D = 128` a third of the partnered
-      rows of the test pair are kept too, at 512 two of 1,229). Measured on the unit-vector planted pairs of ``bench_regimes`` at
-      8,192 x 1,024 (10/40/60 % unpartnered, noise 0.3/0.8): the kept rows covered every
+      rows of the test pair are kept too, at 512 two of 1,229). Measured on the unit-vector
+      planted pairs of ``bench_regimes`` at 8,192 x 1,024 (10/40/60 % unpartnered, noise
+      0.3/0.8): the kept rows covered every
       core's rows; at most 10 % of them were not in the core (40 %/0.3: 3,277 kept, 2,962 in
       the core, the others unpartnered rows in chance mutual-best pairs); with no unpartnered
       features no row was kept. Rows beyond ``capacity`` are not kept.
