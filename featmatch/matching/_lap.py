@@ -2369,13 +2369,21 @@ def threshold_match(
     return (perm, pair_cost, info) if return_info else (perm, pair_cost)
 
 
-#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (4096^2): from
-#: 4,096 features on, the sparse solver was measured many times faster than the dense one on
-#: planted SAE pairs (docs/benchmarks.md: ~25x at 4,096 x 512, and the dense matrix grows
-#: quadratically). Below it dense takes about a second or less, and on pairs with little
-#: structure (unrelated SAEs, random vectors) the fast path's core covers everything and is
-#: 2-6x *slower* than dense at these sizes, so dense is the safe default there.
-AUTO_SPARSE_ABOVE = 4096 * 4096
+#: ``solver="auto"`` picks the sparse solver when ``F_A * F_B`` exceeds this (2,048 x 3,072
+#: = 6.3 M cells; 4096^2 until 2026-12-03). Recalibrated after the main pass began keeping
+#: the core's rows (:class:`_KeptRows`): medians of 5 interleaved runs of the route ``auto``
+#: takes (``sparse_match``, with ``auto_dense_share`` on rectangles) against numpy float64
+#: cost + scipy, on random Gaussian pairs and planted pairs (0/10/40 % unpartnered, noise
+#: 0.8, unit or norm-spread vectors), d = 128-768:
+#:
+#: * above this size it was at most 0.77x dense (2,560^2, d = 128 and 768), 0.03-0.37x at
+#:   4,096 x 4,096 x 768 (random: 1.22 s against 8.12 s; norm-spread: 1.28 s against 37.6 s);
+#: * at 2,048 x 3,072 (40 % unit) 1.12x, at 2,048^2 x 128 up to 1.33x, at 1,024^2 up to 2.1x:
+#:   tens of milliseconds on problems dense solves in 0.05-0.3 s, so dense stays there.
+#:
+#: The earlier limit came from a fast path that multiplied a structureless pair's whole core
+#: again (2-6x slower than dense below 4096^2 then; random 2,560^2 x 768 is now 0.27x).
+AUTO_SPARSE_ABOVE = 2048 * 3072
 
 #: ``solver="auto"`` on a sparse-sized problem: when a sample of rows predicts a rectangular
 #: core (rows without a mutual-best partner, :func:`predicted_core_share`) above this share

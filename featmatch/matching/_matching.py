@@ -556,7 +556,7 @@ def match(
         ``"dense"``: scipy ``linear_sum_assignment`` on the full matrix. ``"sparse"``:
         :func:`featmatch.matching.sparse_match` on the (F, D) feature vectors (exact, with an
         optimality certificate, without the full matrix). ``"auto"`` is sparse where it is
-        measured faster, :math:`F_A F_B >` ``featmatch.matching._lap.AUTO_SPARSE_ABOVE`` (4096²,
+        measured faster, :math:`F_A F_B >` ``featmatch.matching._lap.AUTO_SPARSE_ABOVE`` (2,048 x 3,072 cells,
         see ``docs/benchmarks.md``), or where the dense float64 matrix would take more than
         25% of the available RAM (:func:`featmatch.matching.auto_solver`); else dense. On the
         sparse route, when a sample of 256 rows predicts a rectangular core above

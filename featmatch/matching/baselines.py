@@ -285,7 +285,8 @@ def coactivation_topk(
 
 
 #: Above this many ``F_A * F_B`` entries :func:`candidate_assignment` never builds the dense
-#: matrix (4096², the size where featmatch's solvers switch to sparse, docs/decisions.md).
+#: matrix (4096²: its dense route is a float64 matrix plus scipy, as ``match``'s dense solver,
+#: whose memory stays modest up to this size; the candidate graph has no certified sparse route).
 DENSE_ASSIGN_MAX = 4096**2
 
 

@@ -393,3 +393,7 @@ def test_auto_solver_threshold(monkeypatch):
     assert lap.auto_solver(1000, 1000, available_bytes=1e12) == "dense"
     assert lap.auto_solver(1000, 1000, available_bytes=3.1e7) == "sparse"  # 8 MB > 25% of 31 MB
     assert lap.auto_solver(1000, 1000, available_bytes=3.3e7) == "dense"
+    # the calibrated size rule (measured: docs/benchmarks.md, section solver="auto")
+    monkeypatch.undo()
+    assert lap.auto_solver(2560, 2560, available_bytes=1e12) == "sparse"
+    assert lap.auto_solver(2048, 3072, available_bytes=1e12) == "dense"
