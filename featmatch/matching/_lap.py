@@ -490,15 +490,10 @@ class _KeptRows:
     """
 
     def __init__(self, n: int, m: int, device: torch.device, capacity: int, predict: bool) -> None:
-        self.predict = predict
-        self.store = torch.empty(n if not predict else capacity, m, device=device, dtype=torch.float32)
-        self.slot = np.arange(n, dtype=np.int64) if not predict else np.full(n, -1, dtype=np.int64)
+        self.full = not predict  # every row kept, in row order
+        self.store = torch.empty(capacity if predict else n, m, device=device, dtype=torch.float32)
+        self.slot = np.full(n, -1, dtype=np.int64) if predict else np.arange(n, dtype=np.int64)
         self.used = 0 if predict else n
-
-    @property
-    def full(self) -> bool:
-        """Every row kept (in row order)."""
-        return not self.predict
 
     def offer(self, i0: int, g: torch.Tensor, kv: torch.Tensor) -> None:
         """Keep the rows ``i0 + t`` of the block ``g`` whose top-k scores ``kv`` predict the core."""
@@ -1648,7 +1643,7 @@ def _keep_products(n: int, m: int, device: torch.device, keep: bool | None) -> _
     be multiplied again costs their share of that (none when every row has a clear partner)
     and saves the core's product. Measurements: docs/benchmarks.md, section bench_regimes.
     """
-    if keep is False or device.type != "cpu" and keep is None:
+    if keep is False or (keep is None and device.type != "cpu"):
         return None
     limit = min(KEEP_PRODUCTS_MAX_BYTES, KEEP_PRODUCTS_RAM_SHARE * psutil.virtual_memory().available)
     if keep:
